@@ -1,0 +1,80 @@
+"""The shard model: blocks [start, end) of a Llama-family transformer (Llama 2/3, SmolLM2, Qwen2, Qwen3).
+The first shard embeds tokens (on the host, one row per token); the last applies the final norm and head."""
+from __future__ import annotations
+from dataclasses import dataclass
+import numpy as np
+from tinygrad import Tensor, UOp, dtypes
+from tinygrad.dtype import DType
+from exo_node.model.config import ModelConfig
+
+
+def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+  return (x * (x.square().mean(-1, keepdim=True) + eps).rsqrt()) * w
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+  x1, x2 = x.chunk(2, dim=-1)
+  return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+
+@dataclass
+class Block:
+  cfg: ModelConfig
+  w: dict[str, Tensor]  # canonical names without the "blk.N." prefix
+
+  def lin(self, name: str, x: Tensor) -> Tensor:
+    y = x.matmul(self.w[f"{name}.weight"].T)
+    return y + self.w[f"{name}.bias"] if f"{name}.bias" in self.w else y
+
+  def __call__(self, x: Tensor, kv: Tensor, cos: Tensor, sin: Tensor, start_pos: int | UOp) -> Tensor:
+    c, (B, T, _) = self.cfg, x.shape
+    h = rms_norm(x, self.w["attn_norm.weight"], c.norm_eps)
+    q = self.lin("attn_q", h).reshape(B, T, c.n_heads, c.head_dim)
+    k = self.lin("attn_k", h).reshape(B, T, c.n_kv_heads, c.head_dim)
+    v = self.lin("attn_v", h).reshape(B, T, c.n_kv_heads, c.head_dim)
+    if "attn_q_norm.weight" in self.w:
+      q, k = rms_norm(q, self.w["attn_q_norm.weight"], c.norm_eps), rms_norm(k, self.w["attn_k_norm.weight"], c.norm_eps)
+    q, k, v = rope(q.transpose(1, 2), cos, sin), rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+    kv[:, :, :, start_pos:start_pos + T, :].assign(Tensor.stack(k, v).cast(kv.dtype)).realize()
+    keys, values = kv[0, :, :, 0:start_pos + T, :].cast(x.dtype), kv[1, :, :, 0:start_pos + T, :].cast(x.dtype)
+    mask = Tensor.full((1, 1, T, start_pos + T), float("-inf"), dtype=x.dtype).triu(start_pos + 1) if T > 1 else None
+    attn = q.scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True).transpose(1, 2).reshape(B, T, -1)
+    x = x + self.lin("attn_output", attn)
+    h = rms_norm(x, self.w["ffn_norm.weight"], c.norm_eps)
+    return (x + self.lin("ffn_down", self.lin("ffn_gate", h).silu() * self.lin("ffn_up", h))).contiguous()
+
+
+class ShardModel:
+  """Runs blocks [start, end). Input: embedded tokens (first shard) or a hidden state, shape (B, T, dim).
+  Output: the hidden state, or the last position's logits (B, vocab) on the last shard."""
+
+  def __init__(self, cfg: ModelConfig, start: int, end: int, blocks: list[Block], embed: np.ndarray | None,
+               norm: Tensor | None, head: Tensor | None, max_context: int, kv_dtype: DType = dtypes.half):
+    self.cfg, self.start, self.end, self.blocks = cfg, start, end, blocks
+    self.embed, self.norm, self.head = embed, norm, head
+    self.max_context, self.kv_dtype = max_context, kv_dtype
+    self.device = (blocks[0].w["attn_norm.weight"] if blocks else head).device
+    angles = np.outer(np.arange(2 * max_context, dtype=np.float32), cfg.inv_freq())
+    self.cos, self.sin = (Tensor(f, device=self.device).realize()
+                          for f in (np.cos(angles), np.sin(angles)))
+
+  @property
+  def is_first(self) -> bool: return self.start == 0
+  @property
+  def is_last(self) -> bool: return self.end == self.cfg.n_layers
+
+  def new_cache(self, batch: int = 1, pad: int = 0) -> Tensor:
+    c = self.cfg
+    return Tensor.zeros(len(self.blocks), 2, batch, c.n_kv_heads, self.max_context + pad, c.head_dim, dtype=self.kv_dtype,
+                        device=self.device).contiguous().realize()
+
+  def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+    return self.embed[ids]
+
+  def __call__(self, x: Tensor, kv: Tensor, start_pos: int | UOp, n: int | UOp) -> Tensor:
+    """x holds n real positions (the rest is padding, written to the cache past them and overwritten later)."""
+    T = x.shape[1]
+    cos, sin = (f[start_pos:start_pos + T].reshape(1, 1, T, -1) for f in (self.cos, self.sin))
+    for i, blk in enumerate(self.blocks): x = blk(x, kv[i], cos, sin, start_pos)
+    if not self.is_last: return x
+    return rms_norm(x[:, n - 1, :], self.norm, self.cfg.norm_eps).matmul(self.head.T)

@@ -1,0 +1,46 @@
+"""load_shard: open a model (GGUF file, HF folder or registered name) and realize only blocks [start, end)."""
+from __future__ import annotations
+import logging, time
+from pathlib import Path
+from tinygrad import Tensor, dtypes
+from tinygrad.dtype import DType
+from exo_node.errors import ModelError
+from exo_node.model.gguf import GGUFWeights
+from exo_node.model.llama import Block, ShardModel
+from exo_node.model.registry import resolve
+from exo_node.model.safetensors import SafetensorsWeights
+
+log = logging.getLogger(__name__)
+BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+OPTIONAL_TENSORS = ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_q_norm.weight", "attn_k_norm.weight")
+Weights = GGUFWeights | SafetensorsWeights
+
+
+def open_weights(model: str | Path) -> Weights:
+  path = resolve(str(model))
+  return SafetensorsWeights(path) if path.is_dir() else GGUFWeights(path)
+
+
+def load_shard(model: str | Path | Weights, start: int, end: int, device: str | None = None, max_context: int = 4096,
+               wdtype: DType = dtypes.half) -> ShardModel:
+  w = model if isinstance(model, (GGUFWeights, SafetensorsWeights)) else open_weights(model)
+  cfg = w.config
+  if not 0 <= start < end <= cfg.n_layers: raise ModelError(f"bad layer range [{start}, {end}) for a {cfg.n_layers}-layer model")
+  dev = device or Tensor.empty(1).device
+
+  def get(name: str, dtype: DType = wdtype) -> Tensor:
+    if not w.has(name): raise ModelError(f"missing tensor {name}")
+    return w.load(name, dev).cast(dtype).contiguous().realize()
+
+  t0, blocks = time.monotonic(), []
+  for i in range(start, end):
+    names = [f"{n}.weight" for n in BLOCK_TENSORS] + [n for n in OPTIONAL_TENSORS if w.has(f"blk.{i}.{n}")]
+    blocks.append(Block(cfg, {n: get(f"blk.{i}.{n}", dtypes.float32 if "norm" in n or "bias" in n else wdtype) for n in names}))
+    log.info("loaded block %d/%d (layers %d..%d)", i - start + 1, end - start, start, end - 1)
+  embed = get("token_embd.weight", dtypes.float32).numpy() if start == 0 else None
+  norm = head = None
+  if end == cfg.n_layers:
+    norm = get("output_norm.weight", dtypes.float32)
+    head = get("output.weight" if w.has("output.weight") else "token_embd.weight")
+  log.info("shard [%d, %d) of %s ready in %.1fs", start, end, cfg.arch, time.monotonic() - t0)
+  return ShardModel(cfg, start, end, blocks, embed, norm, head, min(max_context, cfg.context_length))
