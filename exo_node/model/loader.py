@@ -22,11 +22,12 @@ def open_weights(model: str | Path) -> Weights:
 
 
 def load_shard(model: str | Path | Weights, start: int, end: int, device: str | None = None, max_context: int = 4096,
-               wdtype: DType = dtypes.half) -> ShardModel:
+               wdtype: DType | None = None) -> ShardModel:
   w = model if isinstance(model, (GGUFWeights, SafetensorsWeights)) else open_weights(model)
   cfg = w.config
   if not 0 <= start < end <= cfg.n_layers: raise ModelError(f"bad layer range [{start}, {end}) for a {cfg.n_layers}-layer model")
   dev = device or Tensor.empty(1).device
+  wdtype = wdtype or default_wdtype(dev)
 
   def get(name: str, dtype: DType = wdtype) -> Tensor:
     if not w.has(name): raise ModelError(f"missing tensor {name}")
@@ -44,3 +45,19 @@ def load_shard(model: str | Path | Weights, start: int, end: int, device: str | 
     head = get("output.weight" if w.has("output.weight") else "token_embd.weight")
   log.info("shard [%d, %d) of %s ready in %.1fs", start, end, cfg.arch, time.monotonic() - t0)
   return ShardModel(cfg, start, end, blocks, embed, norm, head, min(max_context, cfg.context_length))
+
+
+def open_tokenizer(w: Weights):
+  from exo_node.model.tokenizer import Tokenizer
+  return Tokenizer.from_hf_folder(w.folder) if isinstance(w, SafetensorsWeights) else Tokenizer.from_gguf_meta(w.file.meta)
+
+
+def default_wdtype(device: str) -> DType:
+  """fp32 on CPU (clang's fp16 conversions are slow there), fp16 on accelerators."""
+  return dtypes.float32 if device.split(":")[0] in ("CPU", "CLANG", "LLVM") else dtypes.half
+
+
+def layer_nbytes(w: Weights, device: str) -> int:
+  c = w.config
+  params = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim + 3 * c.dim * c.ffn_dim
+  return params * default_wdtype(device).itemsize

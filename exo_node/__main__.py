@@ -1,0 +1,3 @@
+from exo_node.cli import main
+
+main()

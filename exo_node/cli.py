@@ -1,0 +1,77 @@
+"""`exo-node`: argument parsing only. Builds a NodeConfig, binds the device before tinygrad is imported,
+then runs the node. Errors the user can act on print one line and exit 2."""
+from __future__ import annotations
+import argparse, asyncio, logging, os, signal, sys
+from exo_node.config import NodeConfig
+from exo_node.errors import ExoError
+
+log = logging.getLogger("exo_node")
+
+
+def parse(argv: list[str] | None = None) -> NodeConfig:
+  p = argparse.ArgumentParser(prog="exo-node", description="One node of a peer-to-peer LLM inference cluster.")
+  a = p.add_argument
+  a("--node-id", default="", help="unique id in the cluster (default: hostname-port)")
+  a("--node-port", type=int, default=8001, help="gRPC port")
+  a("--host", default="0.0.0.0", help="address to listen on")
+  a("--advertise-host", default="", help="address peers should dial (default: --host, or 127.0.0.1)")
+  a("--api-port", type=int, default=52415, help="HTTP API port, 0 disables it")
+  a("--model", default=os.environ.get("EXO_MODEL", "smollm2-135m"), help="GGUF file, HF safetensors folder or registered name")
+  a("--gpu", type=int, default=None, help="bind to this GPU (sets CUDA_VISIBLE_DEVICES, selects CUDA)")
+  a("--device", default=None, help="tinygrad backend, e.g. CPU or CUDA (default: what tinygrad finds)")
+  a("--memory", type=int, default=None, help="memory in bytes to report, overriding the detected value")
+  a("--discovery", choices=("mdns", "static", "none"), default="mdns")
+  a("--peers", default="", help="static peers: HOST:PORT,...")
+  a("--cluster", default="default")
+  a("--mdns-interface", default=None, help="restrict mDNS to this interface address")
+  a("--wait-for-peers", type=int, default=0, help="wait for N peers before loading and serving")
+  a("--cluster-secret", default=None, help="shared secret (or EXO_CLUSTER_SECRET)")
+  a("--max-context", type=int, default=4096)
+  a("--max-sessions", type=int, default=16, help="KV sessions kept per node (LRU)")
+  a("--beam", type=int, default=0, help="tinygrad BEAM search width for kernels (cached across runs)")
+  a("--prompt", default=None, help="generate once through the cluster, print the completion and exit")
+  a("--raw", action="store_true", help="no chat template: plain completion")
+  a("--max-tokens", type=int, default=256)
+  a("--temperature", type=float, default=0.0, help="0 means greedy")
+  a("--top-k", type=int, default=0)
+  a("--top-p", type=float, default=1.0)
+  a("--seed", type=int, default=None)
+  a("-v", "--verbose", action="store_true")
+  ns = p.parse_args(argv)
+  if ns.discovery == "static" and not ns.peers: p.error("--discovery static needs --peers HOST:PORT,...")
+  peers = [x.strip() for x in ns.peers.split(",") if x.strip()]
+  if ns.peers and ns.discovery == "mdns": ns.discovery = "static"
+  return NodeConfig(**{k: v for k, v in vars(ns).items() if k not in ("peers", "verbose")}, peers=peers)
+
+
+async def run(cfg: NodeConfig) -> int:
+  from exo_node.node import Node
+  from exo_node.prompt import generate_text
+  node = Node(cfg)
+  try:
+    await node.start()
+    if cfg.prompt is not None:
+      async for text in generate_text(node, cfg): sys.stdout.write(text); sys.stdout.flush()
+      sys.stdout.write("\n")
+      return 0
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM): asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    log.info("node %s ready", cfg.node_id)
+    await stop.wait()
+    return 0
+  finally:
+    await node.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+  cfg = parse(argv)
+  logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  try:
+    from exo_node import device
+    if cfg.beam: os.environ["JITBEAM"] = str(cfg.beam)
+    device.bind(cfg.gpu, cfg.device)
+    code = asyncio.run(run(cfg))
+  except ExoError as e:
+    print(f"exo-node: error: {e}", file=sys.stderr); code = 2
+  except KeyboardInterrupt: code = 130
+  os._exit(code) if code == 0 else sys.exit(code)

@@ -1,0 +1,47 @@
+"""Device binding and capabilities. bind() must run before tinygrad is imported: tinygrad reads DEV and the
+CUDA driver reads CUDA_VISIBLE_DEVICES once, at import/initialisation."""
+from __future__ import annotations
+import os, sys
+from dataclasses import dataclass
+from exo_node.errors import ExoError
+
+
+@dataclass(frozen=True)
+class Capabilities:
+  device: str  # tinygrad device, e.g. "CPU" or "CUDA"
+  name: str    # human-readable, e.g. the GPU model
+  memory_bytes: int
+
+
+def bind(gpu: int | None, device: str | None) -> None:
+  if "tinygrad" in sys.modules: raise RuntimeError("device.bind() must run before tinygrad is imported")
+  if gpu is not None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    device = device or "CUDA"
+  if device: os.environ["DEV"] = device.upper()
+
+
+def _cpu_memory() -> int:
+  try:
+    with open("/proc/meminfo") as f:
+      return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+  except (OSError, StopIteration): return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def capabilities() -> Capabilities:
+  """Of the device tinygrad actually opened, so a node bound to GPU N reports GPU N (not GPU 0)."""
+  from tinygrad import Device
+  try: dev = Device.DEFAULT
+  except Exception as e: raise ExoError(f"no usable compute device: {e}") from None
+  if dev.startswith("CUDA"):
+    try:
+      from tinygrad.runtime.autogen import cuda
+      import ctypes
+      d = Device[dev]
+      free, total = ctypes.c_size_t(), ctypes.c_size_t()
+      cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total))
+      name = ctypes.create_string_buffer(256)
+      cuda.cuDeviceGetName(name, 256, d.cu_device)
+      return Capabilities(dev, name.value.decode(), int(total.value))
+    except Exception as e: raise ExoError(f"cannot open CUDA device (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}): {e}") from None
+  return Capabilities(dev, "CPU", _cpu_memory())

@@ -1,0 +1,24 @@
+"""Peer discovery: implementations keep a live set of peers (static list, mDNS) behind one interface."""
+from __future__ import annotations
+import asyncio, logging
+from exo_node.topology import PeerInfo
+from exo_node.transport.link import Channels
+from exo_node.transport.pb import exo_node_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class Discovery:
+  """Base: peers() is the current set of healthy, compatible peers (not including this node)."""
+  async def start(self) -> None: ...
+  async def stop(self) -> None: ...
+  def peers(self) -> list[PeerInfo]: return []
+
+
+async def probe(channels: Channels, address: str, timeout: float = 1.0) -> pb.NodeInfo:
+  """Node-info call with a deadline; raises grpc.aio.AioRpcError when the peer is down."""
+  return await channels.stub(address).Info(pb.InfoRequest(), timeout=timeout)
+
+
+def peer_from_info(info: pb.NodeInfo, address: str) -> PeerInfo:
+  return PeerInfo(node_id=info.node_id, address=address, memory_bytes=info.memory_bytes, device=info.device, api_port=info.api_port)

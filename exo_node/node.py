@@ -1,0 +1,82 @@
+"""A node: its engine, gRPC server, peers and coordinator, wired together. Holds no request logic itself."""
+from __future__ import annotations
+import asyncio, logging, time
+from pathlib import Path
+from exo_node import __version__, device
+from exo_node.config import NodeConfig
+from exo_node.discovery import Discovery
+from exo_node.discovery.static import StaticDiscovery
+from exo_node.engine import Engine
+from exo_node.errors import ExoError
+from exo_node.model.loader import layer_nbytes, load_shard, open_tokenizer, open_weights
+from exo_node.model.registry import MODELS
+from exo_node.orchestrator import Orchestrator
+from exo_node.stage import Stage
+from exo_node.topology import Plan, PeerInfo, partition
+from exo_node.transport.link import Channels
+from exo_node.transport.pb import exo_node_pb2 as pb
+from exo_node.transport.server import Servicer, start_server
+
+log = logging.getLogger(__name__)
+PROTOCOL_VERSION = 1
+
+
+class Node:
+  def __init__(self, cfg: NodeConfig):
+    self.cfg = cfg
+    self.weights = open_weights(cfg.model)
+    self.model_id = cfg.model if cfg.model in MODELS else Path(cfg.model).name
+    self.tokenizer = open_tokenizer(self.weights)
+    self.engine = Engine(max_sessions=cfg.max_sessions)
+    self.caps = self.engine.submit(device.capabilities).result()  # opened on the thread that will use it
+    self.memory = cfg.memory or self.caps.memory_bytes
+    self.channels = Channels()
+    self.stage = Stage(cfg.node_id, self.engine, self.channels, self.ensure_layers)
+    self.orchestrator = Orchestrator(cfg.node_id, cfg.address, self.model_id, self.stage, self.plan)
+    self.discovery: Discovery = StaticDiscovery(cfg.peers, self.channels, self.model_id) if cfg.discovery == "static" else Discovery()
+    self.server = None
+    self._load_lock = asyncio.Lock()
+
+  @property
+  def n_layers(self) -> int: return self.weights.config.n_layers
+
+  def me(self) -> PeerInfo:
+    return PeerInfo(self.cfg.node_id, self.cfg.address, self.memory, self.caps.device, self.cfg.api_port)
+
+  def plan(self) -> Plan:
+    """Over this node and every live peer; deterministic, so every node computes the same one."""
+    return partition([self.me(), *self.discovery.peers()], self.n_layers, layer_nbytes(self.weights, self.caps.device))
+
+  def info(self) -> pb.NodeInfo:
+    m = self.engine.model
+    return pb.NodeInfo(node_id=self.cfg.node_id, model_id=self.model_id, n_layers=self.n_layers,
+                       start_layer=m.start if m else -1, end_layer=m.end if m else -1, device=f"{self.caps.device}: {self.caps.name}",
+                       memory_bytes=self.memory, version=__version__, protocol_version=PROTOCOL_VERSION,
+                       address=self.cfg.address, api_port=self.cfg.api_port, active_sessions=self.engine.n_sessions)
+
+  async def ensure_layers(self, start: int, end: int) -> None:
+    async with self._load_lock:
+      m = self.engine.model
+      if m is not None and (m.start, m.end) == (start, end): return
+      log.info("loading layers [%d, %d) of %s on %s", start, end, self.model_id, self.caps.device)
+      await asyncio.wrap_future(self.engine.load(lambda: load_shard(self.weights, start, end, max_context=self.cfg.max_context)))
+
+  async def start(self) -> None:
+    if self.cfg.node_port:
+      self.server, _ = await start_server(Servicer(self.stage, self.info), self.cfg.host, self.cfg.node_port)
+      log.info("node %s serving gRPC on %s:%d", self.cfg.node_id, self.cfg.host, self.cfg.node_port)
+    await self.discovery.start()
+    await self.wait_for_peers(self.cfg.wait_for_peers)
+    shard = self.plan().shard_of(self.cfg.node_id)
+    await self.ensure_layers(shard.start, shard.end)
+
+  async def wait_for_peers(self, n: int, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(self.discovery.peers()) < n:
+      if time.monotonic() > deadline: raise ExoError(f"waited {timeout:.0f}s for {n} peers, found {len(self.discovery.peers())}")
+      await asyncio.sleep(0.2)
+
+  async def stop(self) -> None:
+    await self.discovery.stop()
+    if self.server is not None: await self.server.stop(grace=1.0)
+    await self.channels.close()

@@ -1,0 +1,87 @@
+"""A node's part in every request: run its own layers on a step, then hand the result on: a hidden state to
+the next shard, or (on the last shard) a sampled token straight to the request's coordinator."""
+from __future__ import annotations
+import asyncio, logging
+from dataclasses import dataclass, field
+from typing import Callable
+import numpy as np
+from exo_node.engine import Engine
+from exo_node.errors import ExoError
+from exo_node.model.sampling import Sampler, SamplingParams
+from exo_node.topology import Plan, Shard
+from exo_node.transport.codec import encode_tensor
+from exo_node.transport.link import Channels, Link
+from exo_node.transport.pb import exo_node_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class StageError(ExoError):
+  """A frame that does not fit the request's state: refused with INVALID_ARGUMENT."""
+
+
+def sampling_from_proto(s: pb.Sampling) -> SamplingParams:
+  return SamplingParams(s.temperature, s.top_k, s.top_p or 1.0, s.seed if s.HasField("seed") else None, s.max_tokens)
+
+
+@dataclass
+class Request:
+  header: pb.Header
+  plan: Plan
+  shard: Shard
+  sampler: Sampler | None
+  next_step: int = 0
+  out: Link | None = None
+  failed: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Stage:
+  def __init__(self, node_id: str, engine: Engine, channels: Channels,
+               ensure_layers: Callable[[int, int], "asyncio.Future | None"] | None = None):
+    self.node_id, self.engine, self.channels, self.ensure_layers = node_id, engine, channels, ensure_layers
+    self.requests: dict[str, Request] = {}
+    self.deliver: dict[str, Callable[[int, int | Exception], None]] = {}  # coordinated here: rid -> (step, token|error)
+
+  async def open(self, header: pb.Header) -> Request:
+    rid = header.request_id
+    if rid in self.requests: raise StageError(f"request {rid!r} is already open")
+    plan = Plan.from_proto(header.plan)
+    shard = plan.shard_of(self.node_id)
+    if shard is None: raise StageError(f"request {rid!r}: this node ({self.node_id}) is not in its plan")
+    m = self.engine.model
+    if m is None or (m.start, m.end) != (shard.start, shard.end):
+      if self.ensure_layers is None: raise StageError(f"request {rid!r}: plan gives layers [{shard.start}, {shard.end}) but this node holds others")
+      await self.ensure_layers(shard.start, shard.end)
+    sampler = Sampler(sampling_from_proto(header.sampling)) if shard.end == plan.n_layers else None
+    self.requests[rid] = req = Request(header, plan, shard, sampler)
+    return req
+
+  async def step(self, rid: str, step: int, position: int, data: np.ndarray) -> None:
+    req = self.requests.get(rid)
+    if req is None: raise StageError(f"unknown request {rid!r}")
+    if step != req.next_step: raise StageError(f"request {rid!r}: step {step} out of order (expected {req.next_step})")
+    req.next_step += 1
+    out = await asyncio.wrap_future(self.engine.forward(rid, position, data))
+    if req.sampler is not None: return self._hand_token(req, step, req.sampler(out))
+    nxt = req.plan.next_after(self.node_id)
+    self._link(req, nxt.address).send(pb.Frame(step=pb.Step(step=step, position=position, hidden=encode_tensor(out))))
+
+  def _hand_token(self, req: Request, step: int, token: int) -> None:
+    h = req.header
+    if h.coordinator_id == self.node_id: return self.deliver[h.request_id](step, token)
+    self._link(req, h.coordinator_address).send(pb.Frame(step=pb.Step(step=step, tokens=pb.TokenIds(ids=[token]))))
+
+  def _link(self, req: Request, address: str) -> Link:
+    if req.out is None: req.out = Link(self.channels, address, req.header, lambda err: self.fail(req.header.request_id, err))
+    return req.out
+
+  def fail(self, rid: str, error: str) -> None:
+    """A downstream hop failed: the coordinator learns it at once, other nodes pass it back up their stream."""
+    if rid in self.deliver: self.deliver[rid](-1, ExoError(error))
+    if (req := self.requests.get(rid)) is not None and not req.failed.done(): req.failed.set_result(error)
+
+  def close(self, rid: str, reason: str = "done") -> None:
+    """Free the request here and pass the End on; the last shard's stream back to the coordinator just closes."""
+    req = self.requests.pop(rid, None)
+    self.engine.free(rid)
+    if req is not None and req.out is not None: req.out.close(None if req.sampler is not None else reason)

@@ -1,0 +1,97 @@
+"""The gRPC servicer: validates every frame, then hands it to the Stage (or, for a request this node
+coordinates, delivers the returned token). A bad frame gets INVALID_ARGUMENT and ends only its own stream."""
+from __future__ import annotations
+import asyncio, logging
+from typing import Callable
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from exo_node.errors import ExoError
+from exo_node.stage import Stage, StageError
+from exo_node.transport.codec import FrameError, decode_tensor, decode_tokens
+from exo_node.transport.link import CHANNEL_OPTIONS
+from exo_node.transport.pb import exo_node_pb2 as pb, exo_node_pb2_grpc as pbg
+
+log = logging.getLogger(__name__)
+
+
+class Servicer(pbg.ExoNodeServicer):
+  def __init__(self, stage: Stage, info: Callable[[], pb.NodeInfo]):
+    self.stage, self.info = stage, info
+
+  async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
+    return self.info()
+
+  async def Forward(self, frames, context: grpc.aio.ServicerContext):
+    rid: str | None = None
+    returning = False  # a stream of sampled tokens coming back to the coordinator
+    expected = 0
+    loop = asyncio.get_running_loop()
+    failed: asyncio.Future = loop.create_future()  # set by the Stage when a later hop of this request fails
+    it = frames.__aiter__()
+    try:
+      while True:
+        nxt = asyncio.ensure_future(it.__anext__())
+        await asyncio.wait({nxt, failed}, return_when=asyncio.FIRST_COMPLETED)
+        if failed.done():
+          nxt.cancel()
+          self._drop(rid, returning)
+          await context.abort(grpc.StatusCode.UNAVAILABLE, failed.result())
+        try: frame = nxt.result()
+        except StopAsyncIteration: return
+        kind = frame.WhichOneof("kind")
+        if kind == "header":
+          if rid is not None: raise StageError("a stream carries one request: second header")
+          rid, h = frame.header.request_id, frame.header
+          if h.coordinator_id == self.stage.node_id and rid in self.stage.deliver: returning = True
+          else:
+            failed = (await self.stage.open(h)).failed
+        elif kind == "step":
+          if rid is None: raise StageError("step before header: unknown request")
+          s = frame.step
+          if returning:
+            if s.step != expected: raise StageError(f"request {rid!r}: token step {s.step} out of order (expected {expected})")
+            expected += 1
+            ids = decode_tokens(s.tokens.ids, self._vocab()) if s.WhichOneof("payload") == "tokens" else None
+            if ids is None or len(ids) != 1: raise StageError("a returned step must carry exactly one token id")
+            deliver = self.stage.deliver.get(rid)
+            if deliver is not None: deliver(s.step, int(ids[0]))
+            continue
+          data = self._payload(s)
+          await self.stage.step(rid, s.step, s.position, data)
+        elif kind == "end":
+          if rid is not None and not returning: self.stage.close(rid, frame.end.reason)
+          return
+        else: raise StageError("empty frame")
+    except (StageError, FrameError) as e:
+      self._drop(rid, returning)
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except ExoError as e:
+      self._drop(rid, returning)
+      await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    finally:
+      if rid is not None and not returning and rid in self.stage.requests: self.stage.close(rid, "stream ended")
+
+  def _drop(self, rid: str | None, returning: bool) -> None:
+    if rid is not None and not returning: self.stage.close(rid, "refused")
+
+  def _vocab(self) -> int: return self.stage.engine.model.cfg.vocab_size if self.stage.engine.model else 0
+
+  def _payload(self, s: pb.Step):
+    m = self.stage.engine.model
+    which = s.WhichOneof("payload")
+    if s.position < 0 or s.position >= m.max_context: raise StageError(f"position {s.position} outside [0, {m.max_context})")
+    if m.is_first:
+      if which != "tokens": raise StageError("the first shard takes token ids, not a hidden state")
+      return decode_tokens(s.tokens.ids, m.cfg.vocab_size)
+    if which != "hidden": raise StageError("this shard takes a hidden state, not token ids")
+    return decode_tensor(s.hidden, hidden_size=m.cfg.dim, max_elements=m.max_context * m.cfg.dim)
+
+
+async def start_server(servicer: Servicer, host: str, port: int) -> tuple[grpc.aio.Server, health.HealthServicer]:
+  server = grpc.aio.server(options=CHANNEL_OPTIONS)
+  pbg.add_ExoNodeServicer_to_server(servicer, server)
+  hs = health.aio.HealthServicer()
+  health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+  if server.add_insecure_port(f"{host}:{port}") == 0: raise ExoError(f"cannot listen on {host}:{port} (port in use?)")
+  await server.start()
+  return server, hs

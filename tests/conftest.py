@@ -1,0 +1,50 @@
+"""Shared fixtures: the real SmolLM2 GGUF, engines over it, and real exo-node processes on 127.0.0.1."""
+from __future__ import annotations
+import os, socket, subprocess, sys, time
+from pathlib import Path
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
+PROMPT_IDS = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+  from exo_node.model.registry import resolve
+  return resolve("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def weights(gguf_path):
+  from exo_node.model.gguf import GGUFWeights
+  return GGUFWeights(gguf_path)
+
+
+@pytest.fixture(scope="session")
+def full_engine(weights):
+  from exo_node.engine import Engine
+  from exo_node.model.loader import load_shard
+  return Engine(lambda: load_shard(weights, 0, weights.config.n_layers, max_context=256))
+
+
+def greedy(engine, rid: str, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
+  """n greedy tokens through one full-model engine, and the logits after the prompt."""
+  first = logits = engine.forward(rid, 0, np.array(ids)).result()
+  out, pos = [], len(ids)
+  for _ in range(n):
+    out.append(int(np.argmax(logits)))
+    if len(out) == n: break
+    logits = engine.forward(rid, pos, np.array(out[-1:])).result(); pos += 1
+  engine.free(rid)
+  return out, first
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def exo_node(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "exo_node", *args], capture_output=True, text=True, timeout=timeout, **kw)

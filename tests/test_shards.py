@@ -1,0 +1,35 @@
+"""Shards compose, and a shard reads and holds only its own layers."""
+import numpy as np
+from conftest import PROMPT_IDS, greedy
+from exo_node.engine import Engine
+from exo_node.model.gguf import GGUFWeights
+from exo_node.model.loader import load_shard
+
+
+def test_three_shards_chained_equal_the_whole_model(gguf_path, full_engine):
+  w = GGUFWeights(gguf_path)
+  engines = [Engine(lambda a=a, b=b: load_shard(w, a, b, max_context=256)) for a, b in ((0, 10), (10, 20), (20, 30))]
+  whole, _ = greedy(full_engine, "whole", PROMPT_IDS, 4)
+  x, pos, toks, first_logits = np.array(PROMPT_IDS), 0, [], None
+  for _ in range(4):
+    h = x
+    for e in engines: h = e.forward("chain", pos, h).result()
+    first_logits = h if first_logits is None else first_logits
+    pos += len(x); toks.append(int(np.argmax(h))); x = np.array(toks[-1:])
+  assert toks == whole
+  ref = full_engine.forward("ref", 0, np.array(PROMPT_IDS)).result()
+  np.testing.assert_allclose(first_logits, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_a_third_of_the_blocks_reads_a_third_of_the_block_bytes(gguf_path):
+  w = GGUFWeights(gguf_path)
+  block_bytes = sum(t.nbytes for n, t in w.file.tensors.items() if n.startswith("blk."))
+  embd = w.file.tensors["token_embd.weight"].nbytes
+  before = w.bytes_read
+  e = Engine(lambda: load_shard(w, 10, 20, max_context=64))  # middle shard: no embedding, no head
+  read = w.bytes_read - before
+  assert abs(read / block_bytes - 1 / 3) < 0.01
+  held = sum(t.nbytes() for b in e.model.blocks for t in b.w.values())
+  full_fp32 = sum(t.numel * 4 for n, t in w.file.tensors.items() if n.startswith("blk."))
+  assert abs(held / full_fp32 - 1 / 3) < 0.01
+  assert e.model.embed is None and e.model.head is None and embd > 0
