@@ -72,7 +72,10 @@ class Stage:
     self._link(req, h.coordinator_address).send(pb.Frame(step=pb.Step(step=step, tokens=pb.TokenIds(ids=[token]))))
 
   def _link(self, req: Request, address: str) -> Link:
-    if req.out is None: req.out = Link(self.channels, address, req.header, lambda err: self.fail(req.header.request_id, err))
+    if req.out is None:
+      header = req.header
+      if req.sampler is not None: header = pb.Header(); header.CopyFrom(req.header); header.to_coordinator = True
+      req.out = Link(self.channels, address, header, lambda err: self.fail(req.header.request_id, err))
     return req.out
 
   def fail(self, rid: str, error: str) -> None:

@@ -42,7 +42,9 @@ class Servicer(pbg.ExoNodeServicer):
         if kind == "header":
           if rid is not None: raise StageError("a stream carries one request: second header")
           rid, h = frame.header.request_id, frame.header
-          if h.coordinator_id == self.stage.node_id and rid in self.stage.deliver: returning = True
+          if h.to_coordinator:
+            if rid not in self.stage.deliver: raise StageError(f"tokens for request {rid!r}, which this node does not coordinate")
+            returning = True
           else:
             failed = (await self.stage.open(h)).failed
         elif kind == "step":
