@@ -1,6 +1,7 @@
 """A node: its engine, gRPC server, peers and coordinator, wired together. Holds no request logic itself."""
 from __future__ import annotations
 import asyncio, logging, time
+from typing import AsyncIterator
 from pathlib import Path
 from exo_node import __version__, device
 from exo_node.config import NodeConfig
@@ -11,7 +12,8 @@ from exo_node.errors import ExoError
 from exo_node.model.loader import layer_nbytes, load_shard, open_tokenizer, open_weights
 from exo_node.model.registry import MODELS
 from exo_node.orchestrator import Orchestrator
-from exo_node.stage import Stage
+from exo_node.prompt import check_prompt, generate, prompt_ids
+from exo_node.stage import Stage, sampling_from_proto
 from exo_node.topology import Plan, PeerInfo, partition
 from exo_node.transport.link import Channels
 from exo_node.transport.pb import exo_node_pb2 as pb
@@ -54,6 +56,10 @@ class Node:
                        memory_bytes=self.memory, version=__version__, protocol_version=PROTOCOL_VERSION,
                        address=self.cfg.address, api_port=self.cfg.api_port, active_sessions=self.engine.n_sessions)
 
+  async def serve_generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateReply]:
+    ids = check_prompt(self, list(req.prompt_ids)) if req.prompt_ids else prompt_ids(self, req.prompt, req.raw)
+    async for tok, text in generate(self, ids, sampling_from_proto(req.sampling)): yield pb.GenerateReply(ids=[] if tok is None else [tok], text=text)
+
   async def ensure_layers(self, start: int, end: int) -> None:
     async with self._load_lock:
       m = self.engine.model
@@ -63,7 +69,7 @@ class Node:
 
   async def start(self) -> None:
     if self.cfg.node_port:
-      self.server, _ = await start_server(Servicer(self.stage, self.info), self.cfg.host, self.cfg.node_port)
+      self.server, _ = await start_server(Servicer(self.stage, self.info, self.serve_generate), self.cfg.host, self.cfg.node_port)
       log.info("node %s serving gRPC on %s:%d", self.cfg.node_id, self.cfg.host, self.cfg.node_port)
     await self.discovery.start()
     await self.wait_for_peers(self.cfg.wait_for_peers)

@@ -21,7 +21,8 @@ class StageError(ExoError):
 
 
 def sampling_from_proto(s: pb.Sampling) -> SamplingParams:
-  return SamplingParams(s.temperature, s.top_k, s.top_p or 1.0, s.seed if s.HasField("seed") else None, s.max_tokens)
+  return SamplingParams(s.temperature, s.top_k, s.top_p or 1.0, s.seed if s.HasField("seed") else None,
+                        s.max_tokens or SamplingParams.max_tokens)
 
 
 @dataclass

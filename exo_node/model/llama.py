@@ -3,7 +3,7 @@ The first shard embeds tokens (on the host, one row per token); the last applies
 from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
-from tinygrad import Tensor, UOp, dtypes
+from tinygrad import Tensor, UOp
 from tinygrad.dtype import DType
 from exo_node.model.config import ModelConfig
 
@@ -49,10 +49,12 @@ class ShardModel:
   Output: the hidden state, or the last position's logits (B, vocab) on the last shard."""
 
   def __init__(self, cfg: ModelConfig, start: int, end: int, blocks: list[Block], embed: np.ndarray | None,
-               norm: Tensor | None, head: Tensor | None, max_context: int, kv_dtype: DType = dtypes.half):
+               norm: Tensor | None, head: Tensor | None, max_context: int, kv_dtype: DType | None = None):
     self.cfg, self.start, self.end, self.blocks = cfg, start, end, blocks
     self.embed, self.norm, self.head = embed, norm, head
-    self.max_context, self.kv_dtype = max_context, kv_dtype
+    # the cache follows the weights unless told: fp16 beside fp16 weights; beside fp32 weights (CPU) fp16 K/V would
+    # cost ~1e-3 relative accuracy and clang's slow fp16 conversions
+    self.max_context, self.kv_dtype = max_context, kv_dtype or (blocks[0].w["attn_k.weight"] if blocks else head).dtype
     self.device = (blocks[0].w["attn_norm.weight"] if blocks else head).device
     angles = np.outer(np.arange(2 * max_context, dtype=np.float32), cfg.inv_freq())
     self.cos, self.sin = (Tensor(f, device=self.device).realize()

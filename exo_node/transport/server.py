@@ -2,10 +2,11 @@
 coordinates, delivers the returned token). A bad frame gets INVALID_ARGUMENT and ends only its own stream."""
 from __future__ import annotations
 import asyncio, logging
-from typing import Callable
+from typing import AsyncIterator, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from exo_node.errors import ExoError
+from exo_node.prompt import PromptError
 from exo_node.stage import Stage, StageError
 from exo_node.transport.codec import FrameError, decode_tensor, decode_tokens
 from exo_node.transport.link import CHANNEL_OPTIONS
@@ -15,11 +16,16 @@ log = logging.getLogger(__name__)
 
 
 class Servicer(pbg.ExoNodeServicer):
-  def __init__(self, stage: Stage, info: Callable[[], pb.NodeInfo]):
-    self.stage, self.info = stage, info
+  def __init__(self, stage: Stage, info: Callable[[], pb.NodeInfo], generate: Callable[[pb.GenerateRequest], AsyncIterator[pb.GenerateReply]]):
+    self.stage, self.info, self.generate = stage, info, generate
 
   async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
     return self.info()
+
+  async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    try:
+      async for reply in self.generate(request): yield reply
+    except ExoError as e: await context.abort(grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, PromptError) else grpc.StatusCode.UNAVAILABLE, str(e))
 
   async def Forward(self, frames, context: grpc.aio.ServicerContext):
     rid: str | None = None

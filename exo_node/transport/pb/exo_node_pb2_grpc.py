@@ -44,6 +44,11 @@ class ExoNodeStub:
                 request_serializer=exo__node__pb2.InfoRequest.SerializeToString,
                 response_deserializer=exo__node__pb2.NodeInfo.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/exo_node.v1.ExoNode/Generate',
+                request_serializer=exo__node__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=exo__node__pb2.GenerateReply.FromString,
+                _registered_method=True)
 
 
 class ExoNodeServicer:
@@ -62,6 +67,12 @@ class ExoNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExoNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +85,11 @@ def add_ExoNodeServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=exo__node__pb2.InfoRequest.FromString,
                     response_serializer=exo__node__pb2.NodeInfo.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=exo__node__pb2.GenerateRequest.FromString,
+                    response_serializer=exo__node__pb2.GenerateReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +146,33 @@ class ExoNode:
             '/exo_node.v1.ExoNode/Info',
             exo__node__pb2.InfoRequest.SerializeToString,
             exo__node__pb2.NodeInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/exo_node.v1.ExoNode/Generate',
+            exo__node__pb2.GenerateRequest.SerializeToString,
+            exo__node__pb2.GenerateReply.FromString,
             options,
             channel_credentials,
             insecure,

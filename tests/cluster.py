@@ -1,0 +1,70 @@
+"""Real exo-node processes on 127.0.0.1 for multi-node tests, always cleaned up."""
+from __future__ import annotations
+import os, signal, subprocess, sys, time
+from dataclasses import dataclass, field
+from pathlib import Path
+import grpc
+from exo_node.transport.pb import exo_node_pb2 as pb, exo_node_pb2_grpc as pbg
+
+
+@dataclass
+class Proc:
+  node_id: str
+  port: int
+  popen: subprocess.Popen
+  log: Path
+
+  @property
+  def address(self) -> str: return f"127.0.0.1:{self.port}"
+
+  def stub(self) -> pbg.ExoNodeStub: return pbg.ExoNodeStub(grpc.insecure_channel(self.address))
+
+  def info(self, timeout: float = 2.0) -> pb.NodeInfo: return self.stub().Info(pb.InfoRequest(), timeout=timeout)
+
+  def generate(self, prompt_ids: list[int] | None = None, prompt: str = "", raw: bool = True, max_tokens: int = 8,
+               temperature: float = 0.0, timeout: float = 300) -> list[int]:
+    req = pb.GenerateRequest(prompt_ids=prompt_ids or [], prompt=prompt, raw=raw,
+                             sampling=pb.Sampling(temperature=temperature, max_tokens=max_tokens))
+    return [i for r in self.stub().Generate(req, timeout=timeout) for i in r.ids]
+
+
+@dataclass
+class Cluster:
+  procs: list[Proc] = field(default_factory=list)
+
+  def __enter__(self) -> Cluster: return self
+  def __exit__(self, *exc) -> None: self.stop()
+
+  def start(self, ports: list[int], log_dir: Path, memory: list[int] | None = None, extra: list[str] = ()) -> Cluster:
+    for i, port in enumerate(ports):
+      peers = ",".join(f"127.0.0.1:{p}" for p in ports if p != port)
+      args = ["--node-id", f"n{i}", "--node-port", str(port), "--api-port", "0", "--discovery", "static", "--peers", peers,
+              "--wait-for-peers", str(len(ports) - 1), "--max-context", "512", *extra]
+      if memory: args += ["--memory", str(memory[i])]
+      log = log_dir / f"n{i}.log"
+      popen = subprocess.Popen([sys.executable, "-m", "exo_node", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+      self.procs.append(Proc(f"n{i}", port, popen, log))
+    return self
+
+  def wait_ready(self, timeout: float = 300) -> list[pb.NodeInfo]:
+    """Until every node holds layers and together they cover the model exactly once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      for p in self.procs:
+        if p.popen.poll() is not None: raise RuntimeError(f"{p.node_id} exited {p.popen.returncode}:\n{p.log.read_text()[-3000:]}")
+      try: infos = [p.info() for p in self.procs]
+      except grpc.RpcError: infos = []
+      if infos and all(i.end_layer > 0 for i in infos) and \
+         sorted((i.start_layer, i.end_layer) for i in infos)[-1][1] == infos[0].n_layers and \
+         sum(i.end_layer - i.start_layer for i in infos) == infos[0].n_layers:
+        return infos
+      time.sleep(0.3)
+    raise TimeoutError("cluster not ready:\n" + "\n".join(p.log.read_text()[-1500:] for p in self.procs))
+
+  def stop(self) -> None:
+    for p in self.procs:
+      if p.popen.poll() is None: os.killpg(p.popen.pid, signal.SIGTERM)
+    for p in self.procs:
+      try: p.popen.wait(10)
+      except subprocess.TimeoutExpired: os.killpg(p.popen.pid, signal.SIGKILL); p.popen.wait()
