@@ -25,6 +25,7 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
   a("--cluster", default="default")
   a("--mdns-interface", default=None, help="restrict mDNS to this interface address")
   a("--wait-for-peers", type=int, default=0, help="wait for N peers before loading and serving")
+  a("--peer-timeout", type=float, default=300.0, help="seconds to wait for --wait-for-peers before giving up")
   a("--cluster-secret", default=None, help="shared secret (or EXO_CLUSTER_SECRET)")
   a("--max-context", type=int, default=4096)
   a("--max-sessions", type=int, default=16, help="KV sessions kept per node (LRU)")

@@ -20,6 +20,7 @@ class NodeConfig:
   cluster: str = "default"
   mdns_interface: str | None = None
   wait_for_peers: int = 0
+  peer_timeout: float = 300.0
   cluster_secret: str | None = None
   max_context: int = 4096
   max_sessions: int = 16

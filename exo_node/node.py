@@ -76,10 +76,13 @@ class Node:
     shard = self.plan().shard_of(self.cfg.node_id)
     await self.ensure_layers(shard.start, shard.end)
 
-  async def wait_for_peers(self, n: int, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while len(self.discovery.peers()) < n:
-      if time.monotonic() > deadline: raise ExoError(f"waited {timeout:.0f}s for {n} peers, found {len(self.discovery.peers())}")
+  async def wait_for_peers(self, n: int) -> None:
+    deadline = time.monotonic() + self.cfg.peer_timeout
+    while len(peers := self.discovery.peers()) < n:
+      if time.monotonic() > deadline:
+        missing = sorted(set(self.cfg.peers) - {p.address for p in peers})
+        raise ExoError(f"waited {self.cfg.peer_timeout:.0f}s for {n} peers, found {len(peers)}"
+                       + (f"; not reachable: {', '.join(missing)}" if missing else ""))
       await asyncio.sleep(0.2)
 
   async def stop(self) -> None:

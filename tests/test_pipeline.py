@@ -51,3 +51,63 @@ def test_four_concurrent_requests_on_two_nodes_all_complete(two_nodes, single_to
     results = list(pool.map(lambda i: two_nodes.procs[i % 2].generate(PROMPT_IDS), range(4)))
   assert results == [single_tokens] * 4
   assert all(p.info().active_sessions == 0 for p in two_nodes.procs)
+
+
+def _forward(proc, frames, timeout=30, hold=0.0):
+  """Sends frames on one Forward stream, keeping it open `hold` seconds as a coordinator would; the error or None."""
+  import grpc, time
+  def gen():
+    yield from frames
+    time.sleep(hold)
+  try: list(proc.stub().Forward(gen(), timeout=timeout)); return None
+  except grpc.RpcError as e: return e
+
+
+def _header(plan, rid="bad-1"):
+  from exo_node.transport.pb import exo_node_pb2 as pb
+  return pb.Frame(header=pb.Header(request_id=rid, model_id="smollm2-135m", coordinator_id="tester", coordinator_address="127.0.0.1:1",
+                                   plan=[pb.PlanEntry(node_id=n, address=a, start_layer=s, end_layer=e) for n, a, s, e in plan]))
+
+
+def _hidden(dtype="float32", shape=(1, 576), nbytes=None, step=0):
+  from exo_node.transport.pb import exo_node_pb2 as pb
+  import numpy as np
+  n = nbytes if nbytes is not None else int(np.prod(shape)) * np.dtype(dtype).itemsize
+  return pb.Frame(step=pb.Step(step=step, position=0, hidden=pb.TensorProto(data=bytes(n), dtype=dtype, shape=list(shape))))
+
+
+@pytest.mark.parametrize("case", ["int8 dtype", "byte count", "hidden size", "unknown request", "step order"])
+def test_malformed_frames_are_refused_and_the_node_keeps_serving(two_nodes, single_tokens, case):
+  import grpc
+  second = next(p for p in two_nodes.procs if p.info().start_layer > 0)
+  plan = [("ghost", "127.0.0.1:1", 0, 15), (second.node_id, second.address, 15, 30)]
+  frames = {"int8 dtype": [_header(plan), _hidden("int8")], "byte count": [_header(plan), _hidden(nbytes=100)],
+            "hidden size": [_header(plan), _hidden(shape=(1, 575))], "unknown request": [_hidden()],
+            "step order": [_header(plan), _hidden(step=3)]}[case]
+  err = _forward(second, frames)
+  assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+  assert {"int8 dtype": "int8", "byte count": "100", "hidden size": "575", "unknown request": "unknown request",
+          "step order": "out of order"}[case] in err.details()
+  assert second.info().active_sessions == 0
+  assert two_nodes.procs[0].generate(PROMPT_IDS) == single_tokens
+
+
+def test_a_dead_next_hop_is_reported_by_address_within_seconds(two_nodes):
+  import grpc, time
+  from exo_node.transport.pb import exo_node_pb2 as pb
+  first = next(p for p in two_nodes.procs if p.info().start_layer == 0)
+  dead = f"127.0.0.1:{free_port()}"
+  t0 = time.monotonic()
+  err = _forward(first, [_header([(first.node_id, first.address, 0, 15), ("ghost", dead, 15, 30)], "dead-hop"),
+                         pb.Frame(step=pb.Step(step=0, position=0, tokens=pb.TokenIds(ids=PROMPT_IDS)))], hold=15)
+  assert err is not None and err.code() == grpc.StatusCode.UNAVAILABLE and dead in err.details()
+  assert time.monotonic() - t0 < 10
+  assert first.info().active_sessions == 0
+
+
+def test_cli_names_an_unreachable_peer_and_exits(tmp_path):
+  from conftest import exo_node
+  dead = f"127.0.0.1:{free_port()}"
+  r = exo_node("--node-port", str(free_port()), "--api-port", "0", "--peers", dead, "--wait-for-peers", "1",
+               "--peer-timeout", "2", "--prompt", "hi", timeout=60)
+  assert r.returncode == 2 and dead in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
