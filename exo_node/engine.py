@@ -13,6 +13,9 @@ from exo_node.model.llama import ShardModel
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+# every Engine in a process shares this thread: tinygrad is not thread-safe and its compile cache (sqlite)
+# may only be used from the thread that opened it
+_TINYGRAD = ThreadPoolExecutor(1, thread_name_prefix="tinygrad")
 
 
 class EngineError(ExoError):
@@ -27,7 +30,6 @@ class Session:
 
 class Engine:
   def __init__(self, load: Callable[[], ShardModel] | None = None, max_sessions: int = 16, chunk: int = 32):
-    self._pool = ThreadPoolExecutor(1, thread_name_prefix="engine")
     self.max_sessions, self.chunk = max_sessions, chunk
     self.model: ShardModel | None = None
     self.sessions: OrderedDict[str, Session] = OrderedDict()
@@ -51,7 +53,7 @@ class Engine:
     return self.model(x, list(kv), start_pos, n).realize()
 
   def submit(self, fn: Callable[[], R]) -> Future[R]:
-    return self._pool.submit(fn)
+    return _TINYGRAD.submit(fn)
 
   def forward(self, request_id: str, start_pos: int, data: np.ndarray) -> Future[np.ndarray]:
     """data: token ids (T,) on the first shard, else a hidden state (T, dim). Returns the hidden state (T, dim)

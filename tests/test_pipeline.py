@@ -1,7 +1,7 @@
 """A model split across real exo-node processes on 127.0.0.1 generates exactly what one node generates."""
 from concurrent.futures import ThreadPoolExecutor
 import pytest
-from cluster import Cluster
+from exo_node.local_cluster import Cluster
 from conftest import PROMPT_IDS, free_port, greedy
 
 GIB = 1 << 30

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, UOp
 from tinygrad.dtype import DType
+from exo_node.model.affine import Affine
 from exo_node.model.config import ModelConfig
 
 
@@ -17,13 +18,16 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
 
+def linear(x: Tensor, w: Tensor | Affine) -> Tensor: return w.matmul_t(x) if isinstance(w, Affine) else x.matmul(w.T)
+
+
 @dataclass
 class Block:
   cfg: ModelConfig
-  w: dict[str, Tensor]  # canonical names without the "blk.N." prefix
+  w: dict[str, Tensor | Affine]  # canonical names without the "blk.N." prefix
 
   def lin(self, name: str, x: Tensor) -> Tensor:
-    y = x.matmul(self.w[f"{name}.weight"].T)
+    y = linear(x, self.w[f"{name}.weight"])
     return y + self.w[f"{name}.bias"] if f"{name}.bias" in self.w else y
 
   def __call__(self, x: Tensor, kv: Tensor, cos: Tensor, sin: Tensor, start_pos: int | UOp) -> Tensor:
@@ -49,7 +53,7 @@ class ShardModel:
   Output: the hidden state, or the last position's logits (B, vocab) on the last shard."""
 
   def __init__(self, cfg: ModelConfig, start: int, end: int, blocks: list[Block], embed: np.ndarray | None,
-               norm: Tensor | None, head: Tensor | None, max_context: int, kv_dtype: DType | None = None):
+               norm: Tensor | None, head: Tensor | Affine | None, max_context: int, kv_dtype: DType | None = None):
     self.cfg, self.start, self.end, self.blocks = cfg, start, end, blocks
     self.embed, self.norm, self.head = embed, norm, head
     # the cache follows the weights unless told: fp16 beside fp16 weights; beside fp32 weights (CPU) fp16 K/V would
@@ -80,4 +84,4 @@ class ShardModel:
     cos, sin = (f[start_pos:start_pos + T].reshape(1, 1, T, -1) for f in (self.cos, self.sin))
     for i, blk in enumerate(self.blocks): x = blk(x, kv[i], cos, sin, start_pos)
     if not self.is_last: return x
-    return rms_norm(x[:, n - 1, :], self.norm, self.cfg.norm_eps).matmul(self.head.T)
+    return linear(rms_norm(x[:, n - 1, :], self.norm, self.cfg.norm_eps), self.head)

@@ -5,6 +5,7 @@ from pathlib import Path
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 from exo_node.errors import ModelError
+from exo_node.model.affine import Affine
 from exo_node.model.gguf import GGUFWeights
 from exo_node.model.llama import Block, ShardModel
 from exo_node.model.registry import resolve
@@ -29,8 +30,10 @@ def load_shard(model: str | Path | Weights, start: int, end: int, device: str | 
   dev = device or Tensor.empty(1).device
   wdtype = wdtype or default_wdtype(dev)
 
-  def get(name: str, dtype: DType = wdtype) -> Tensor:
+  def get(name: str, dtype: DType = wdtype) -> Tensor | Affine:
     if not w.has(name): raise ModelError(f"missing tensor {name}")
+    if dtype == dtypes.float32 and isinstance(w, GGUFWeights) and (a := w.load_affine(name, dev)) is not None:
+      return a.map_rows(lambda t: t.realize())
     return w.load(name, dev).cast(dtype).contiguous().realize()
 
   t0, blocks = time.monotonic(), []
@@ -38,7 +41,7 @@ def load_shard(model: str | Path | Weights, start: int, end: int, device: str | 
     names = [f"{n}.weight" for n in BLOCK_TENSORS] + [n for n in OPTIONAL_TENSORS if w.has(f"blk.{i}.{n}")]
     blocks.append(Block(cfg, {n: get(f"blk.{i}.{n}", dtypes.float32 if "norm" in n or "bias" in n else wdtype) for n in names}))
     log.info("loaded block %d/%d (layers %d..%d)", i - start + 1, end - start, start, end - 1)
-  embed = get("token_embd.weight", dtypes.float32).numpy() if start == 0 else None
+  embed = w.load("token_embd.weight", dev).cast(dtypes.float32).numpy() if start == 0 else None
   norm = head = None
   if end == cfg.n_layers:
     norm = get("output_norm.weight", dtypes.float32)

@@ -1,8 +1,9 @@
-"""Real exo-node processes on 127.0.0.1 for multi-node tests, always cleaned up."""
+"""Real exo-node processes on 127.0.0.1 with static peers, for tests and the bench; always cleaned up."""
 from __future__ import annotations
 import os, signal, subprocess, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 import grpc
 from exo_node.transport.pb import exo_node_pb2 as pb, exo_node_pb2_grpc as pbg
 
@@ -21,11 +22,18 @@ class Proc:
 
   def info(self, timeout: float = 2.0) -> pb.NodeInfo: return self.stub().Info(pb.InfoRequest(), timeout=timeout)
 
-  def generate(self, prompt_ids: list[int] | None = None, prompt: str = "", raw: bool = True, max_tokens: int = 8,
-               temperature: float = 0.0, timeout: float = 300) -> list[int]:
+  def stream(self, prompt_ids: list[int] | None = None, prompt: str = "", raw: bool = True, max_tokens: int = 8,
+             temperature: float = 0.0, timeout: float = 300) -> Iterator[tuple[int, float]]:
+    """(token id, arrival time) as the coordinator streams them."""
     req = pb.GenerateRequest(prompt_ids=prompt_ids or [], prompt=prompt, raw=raw,
                              sampling=pb.Sampling(temperature=temperature, max_tokens=max_tokens))
-    return [i for r in self.stub().Generate(req, timeout=timeout) for i in r.ids]
+    for r in self.stub().Generate(req, timeout=timeout):
+      for i in r.ids: yield i, time.monotonic()
+
+  def generate(self, *args, **kw) -> list[int]: return [i for i, _ in self.stream(*args, **kw)]
+
+  def peak_rss(self) -> int:
+    with open(f"/proc/{self.popen.pid}/status") as f: return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
 
 
 @dataclass
@@ -38,8 +46,8 @@ class Cluster:
   def start(self, ports: list[int], log_dir: Path, memory: list[int] | None = None, extra: list[str] = ()) -> Cluster:
     for i, port in enumerate(ports):
       peers = ",".join(f"127.0.0.1:{p}" for p in ports if p != port)
-      args = ["--node-id", f"n{i}", "--node-port", str(port), "--api-port", "0", "--discovery", "static", "--peers", peers,
-              "--wait-for-peers", str(len(ports) - 1), "--max-context", "512", *extra]
+      discovery = ["--discovery", "static", "--peers", peers, "--wait-for-peers", str(len(ports) - 1)] if peers else ["--discovery", "none"]
+      args = ["--node-id", f"n{i}", "--node-port", str(port), "--api-port", "0", *discovery, "--max-context", "512", *extra]
       if memory: args += ["--memory", str(memory[i])]
       log = log_dir / f"n{i}.log"
       popen = subprocess.Popen([sys.executable, "-m", "exo_node", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,

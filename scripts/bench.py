@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Decode/prefill speed of single nodes and pipelines, measured in one run on this machine.
+Prints one JSON object per line; the last line is a summary of ratios from the same run."""
+from __future__ import annotations
+import argparse, json, statistics, sys, tempfile, time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from exo_node.local_cluster import Cluster, Proc
+
+
+def free_ports(n: int) -> list[int]:
+  import socket
+  socks = [socket.socket() for _ in range(n)]
+  for s in socks: s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in socks]
+  for s in socks: s.close()
+  return ports
+
+
+def one_stream(coord: Proc, prompt: list[int], n: int) -> dict:
+  t0 = time.monotonic()
+  stamps = [t for _, t in coord.stream(prompt, max_tokens=n)]
+  ttft = stamps[0] - t0
+  return {"ttft_s": ttft, "decode_tok_s": (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9), "tokens": len(stamps),
+          "wall_s": stamps[-1] - t0}
+
+
+def measure(nodes: int, args, log_dir: Path) -> list[dict]:
+  extra = ["--model", args.model] + (["--beam", str(args.beam)] if args.beam else [])
+  rows = []
+  with Cluster().start(free_ports(nodes), log_dir, extra=extra) as c:
+    c.wait_ready(timeout=1800)
+    coord = next(p for p in c.procs if p.info().start_layer == 0)
+    short, long_prompt = [504, 3575, 282, 4649, 314], [504 + (i % 300) for i in range(args.prefill_tokens)]
+    for _ in range(args.warmup): one_stream(coord, long_prompt, 4); one_stream(coord, short, 4)
+    runs = [one_stream(coord, short, args.tokens) for _ in range(args.runs)]
+    pre = [one_stream(coord, long_prompt, 1)["ttft_s"] for _ in range(args.runs)]
+    rows.append({"mode": "single" if nodes == 1 else "pipeline", "nodes": nodes, "model": args.model, "concurrency": 1,
+                 "decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in runs), 2),
+                 "prefill_tok_s": round(args.prefill_tokens / statistics.median(pre), 1),
+                 "ttft_ms": round(1000 * statistics.median(r["ttft_s"] for r in runs), 1),
+                 "peak_rss_mb": round(max(p.peak_rss() for p in c.procs) / 2**20, 1)})
+    if args.concurrency > 1:
+      t0 = time.monotonic()
+      with ThreadPoolExecutor(args.concurrency) as pool:
+        res = list(pool.map(lambda i: one_stream(c.procs[i % nodes], short, args.tokens), range(args.concurrency)))
+      agg = sum(r["tokens"] for r in res) / (time.monotonic() - t0)
+      single = args.tokens / statistics.median(r["wall_s"] for r in runs)
+      rows.append({"mode": "concurrent", "nodes": nodes, "model": args.model, "concurrency": args.concurrency,
+                   "decode_tok_s": round(agg, 2), "prefill_tok_s": None, "ttft_ms": round(1000 * statistics.median(r["ttft_s"] for r in res), 1),
+                   "aggregate_vs_one_stream": round(agg / single, 3)})
+  return rows
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--model", default="smollm2-135m")
+  p.add_argument("--nodes", default="1", help="comma-separated node counts, all measured in this run")
+  p.add_argument("--tokens", type=int, default=48)
+  p.add_argument("--prefill-tokens", type=int, default=64)
+  p.add_argument("--runs", type=int, default=3)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--concurrency", type=int, default=1)
+  p.add_argument("--beam", type=int, default=0)
+  args = p.parse_args()
+  counts = [int(x) for x in args.nodes.split(",")]
+  rows: list[dict] = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for n in counts:
+      for row in measure(n, args, Path(tmp)): print(json.dumps(row), flush=True); rows.append(row)
+  single = next((r for r in rows if r["mode"] == "single"), None)
+  summary: dict = {"mode": "summary", "model": args.model, "nodes": counts}
+  for r in rows:
+    if r["mode"] == "pipeline" and single:
+      summary[f"pipeline_vs_single_{r['nodes']}"] = round(r["decode_tok_s"] / single["decode_tok_s"], 3)
+      # each token crosses `nodes` hops (nodes-1 forward, one back to the coordinator): what the pipeline adds, per hop
+      summary[f"hop_ms_{r['nodes']}"] = round(1000 * (1 / r["decode_tok_s"] - 1 / single["decode_tok_s"]) / r["nodes"], 3)
+    if r["mode"] == "concurrent": summary[f"concurrent_{r['concurrency']}_vs_one_{r['nodes']}"] = r["aggregate_vs_one_stream"]
+  for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms"): summary[k] = single[k] if single else None
+  print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__": sys.exit(main())
