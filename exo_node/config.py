@@ -37,7 +37,12 @@ class NodeConfig:
   def __post_init__(self):
     if not self.node_id: self.node_id = f"{socket.gethostname()}-{self.node_port}"  # stable and unique per host:port
     if self.cluster_secret is None: self.cluster_secret = os.environ.get("EXO_CLUSTER_SECRET") or None
-    if not self.advertise_host: self.advertise_host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+    if not self.advertise_host:
+      if self.host not in ("0.0.0.0", "::", ""): self.advertise_host = self.host
+      elif self.discovery == "mdns":
+        from exo_node.discovery.mdns import local_ipv4
+        self.advertise_host = self.mdns_interface or local_ipv4()
+      else: self.advertise_host = "127.0.0.1"
 
   @property
   def address(self) -> str: return f"{self.advertise_host}:{self.node_port}"

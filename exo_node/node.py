@@ -6,6 +6,7 @@ from pathlib import Path
 from exo_node import __version__, device
 from exo_node.config import NodeConfig
 from exo_node.discovery import Discovery
+from exo_node.discovery.mdns import MDNSDiscovery
 from exo_node.discovery.static import StaticDiscovery
 from exo_node.engine import Engine
 from exo_node.errors import ExoError
@@ -35,7 +36,11 @@ class Node:
     self.channels = Channels()
     self.stage = Stage(cfg.node_id, self.engine, self.channels, self.ensure_layers)
     self.orchestrator = Orchestrator(cfg.node_id, cfg.address, self.model_id, self.stage, self.plan)
-    self.discovery: Discovery = StaticDiscovery(cfg.peers, self.channels, self.model_id) if cfg.discovery == "static" else Discovery()
+    self.discovery: Discovery = Discovery()
+    if cfg.discovery == "static": self.discovery = StaticDiscovery(cfg.peers, self.channels, self.model_id)
+    elif cfg.discovery == "mdns":
+      self.discovery = MDNSDiscovery(cfg.node_id, cfg.cluster, cfg.node_port, self.channels, self.info, PROTOCOL_VERSION,
+                                     cfg.mdns_interface, cfg.advertise_host)
     self.server = None
     self._load_lock = asyncio.Lock()
 
@@ -54,7 +59,12 @@ class Node:
     return pb.NodeInfo(node_id=self.cfg.node_id, model_id=self.model_id, n_layers=self.n_layers,
                        start_layer=m.start if m else -1, end_layer=m.end if m else -1, device=f"{self.caps.device}: {self.caps.name}",
                        memory_bytes=self.memory, version=__version__, protocol_version=PROTOCOL_VERSION,
-                       address=self.cfg.address, api_port=self.cfg.api_port, active_sessions=self.engine.n_sessions)
+                       address=self.cfg.address, api_port=self.cfg.api_port, active_sessions=self.engine.n_sessions,
+                       peers=sorted(p.node_id for p in self.discovery.peers()), plan=self._plan_or_empty())
+
+  def _plan_or_empty(self) -> list[pb.PlanEntry]:
+    try: return self.plan().to_proto()
+    except ExoError: return []
 
   async def serve_generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateReply]:
     ids = check_prompt(self, list(req.prompt_ids)) if req.prompt_ids else prompt_ids(self, req.prompt, req.raw)
@@ -66,6 +76,7 @@ class Node:
       if m is not None and (m.start, m.end) == (start, end): return
       log.info("loading layers [%d, %d) of %s on %s", start, end, self.model_id, self.caps.device)
       await asyncio.wrap_future(self.engine.load(lambda: load_shard(self.weights, start, end, max_context=self.cfg.max_context)))
+    await self.discovery.changed()
 
   async def start(self) -> None:
     if self.cfg.node_port:

@@ -12,6 +12,8 @@ class Discovery:
   """Base: peers() is the current set of healthy, compatible peers (not including this node)."""
   async def start(self) -> None: ...
   async def stop(self) -> None: ...
+  async def changed(self) -> None:
+    """This node's state changed (layers loaded): re-advertise where the implementation advertises."""
   def peers(self) -> list[PeerInfo]: return []
 
 

@@ -16,9 +16,11 @@ class Channels:
   """One channel per peer address, shared by every stream to it."""
   def __init__(self): self._channels: dict[str, grpc.aio.Channel] = {}
 
-  def stub(self, address: str) -> pbg.ExoNodeStub:
+  def channel(self, address: str) -> grpc.aio.Channel:
     if address not in self._channels: self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-    return pbg.ExoNodeStub(self._channels[address])
+    return self._channels[address]
+
+  def stub(self, address: str) -> pbg.ExoNodeStub: return pbg.ExoNodeStub(self.channel(address))
 
   async def close(self) -> None:
     for ch in self._channels.values(): await ch.close()

@@ -105,7 +105,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "model_id", "n_layers", "start_layer", "end_layer", "device", "memory_bytes", "version", "protocol_version", "address", "api_port", "active_sessions", "env")
+    __slots__ = ("node_id", "model_id", "n_layers", "start_layer", "end_layer", "device", "memory_bytes", "version", "protocol_version", "address", "api_port", "active_sessions", "env", "peers", "plan")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,8 @@ class NodeInfo(_message.Message):
     API_PORT_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model_id: str
     n_layers: int
@@ -139,7 +141,9 @@ class NodeInfo(_message.Message):
     api_port: int
     active_sessions: int
     env: _containers.ScalarMap[str, str]
-    def __init__(self, node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., n_layers: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., api_port: _Optional[int] = ..., active_sessions: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    plan: _containers.RepeatedCompositeFieldContainer[PlanEntry]
+    def __init__(self, node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., n_layers: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., api_port: _Optional[int] = ..., active_sessions: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., peers: _Optional[_Iterable[str]] = ..., plan: _Optional[_Iterable[_Union[PlanEntry, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt_ids", "prompt", "raw", "sampling")
