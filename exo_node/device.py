@@ -34,7 +34,8 @@ def capabilities() -> Capabilities:
   """Of the device tinygrad actually opened, so a node bound to GPU N reports GPU N (not GPU 0)."""
   from tinygrad import Device
   try: dev = Device.DEFAULT
-  except Exception as e: raise ExoError(f"no usable compute device: {e}") from None
+  except Exception as e:
+    raise ExoError(f"no usable compute device {os.environ.get('DEV', '')} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}): {e}") from None
   if dev.startswith("CUDA"):
     try:
       from tinygrad.runtime.autogen import cuda
@@ -47,3 +48,12 @@ def capabilities() -> Capabilities:
       return Capabilities(dev, name.value.decode(), int(total.value))
     except Exception as e: raise ExoError(f"cannot open CUDA device (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}): {e}") from None
   return Capabilities(dev, "CPU", _cpu_memory())
+
+
+# what a node reports of its environment (node-info), so a launcher's hand-down can be checked from outside
+REPORTED_ENV = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "HSA_OVERRIDE_GFX_VERSION", "DEV", "BEAM", "JITBEAM", "DEBUG",
+                "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def reported_env() -> dict[str, str]:
+  return {k: v for k, v in os.environ.items() if k in REPORTED_ENV or k.startswith("EXO_TEST_")}

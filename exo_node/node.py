@@ -5,6 +5,7 @@ from typing import AsyncIterator
 from pathlib import Path
 from exo_node import __version__, device
 from exo_node.config import NodeConfig
+from exo_node.api.server import API
 from exo_node.discovery import Discovery
 from exo_node.discovery.mdns import MDNSDiscovery
 from exo_node.discovery.static import StaticDiscovery
@@ -33,6 +34,7 @@ class Node:
     self.engine = Engine(max_sessions=cfg.max_sessions)
     self.caps = self.engine.submit(device.capabilities).result()  # opened on the thread that will use it
     self.memory = cfg.memory or self.caps.memory_bytes
+    self.device_label = self.caps.device if self.caps.name == self.caps.device or self.caps.name == "CPU" else f"{self.caps.device}: {self.caps.name}"
     self.channels = Channels()
     self.stage = Stage(cfg.node_id, self.engine, self.channels, self.ensure_layers)
     self.orchestrator = Orchestrator(cfg.node_id, cfg.address, self.model_id, self.stage, self.plan)
@@ -41,14 +43,14 @@ class Node:
     elif cfg.discovery == "mdns":
       self.discovery = MDNSDiscovery(cfg.node_id, cfg.cluster, cfg.node_port, self.channels, self.info, PROTOCOL_VERSION,
                                      cfg.mdns_interface, cfg.advertise_host)
-    self.server = None
+    self.server, self.api = None, None
     self._load_lock = asyncio.Lock()
 
   @property
   def n_layers(self) -> int: return self.weights.config.n_layers
 
   def me(self) -> PeerInfo:
-    return PeerInfo(self.cfg.node_id, self.cfg.address, self.memory, self.caps.device, self.cfg.api_port)
+    return PeerInfo(self.cfg.node_id, self.cfg.address, self.memory, self.device_label, self.cfg.api_port)
 
   def plan(self) -> Plan:
     """Over this node and every live peer; deterministic, so every node computes the same one."""
@@ -57,10 +59,11 @@ class Node:
   def info(self) -> pb.NodeInfo:
     m = self.engine.model
     return pb.NodeInfo(node_id=self.cfg.node_id, model_id=self.model_id, n_layers=self.n_layers,
-                       start_layer=m.start if m else -1, end_layer=m.end if m else -1, device=f"{self.caps.device}: {self.caps.name}",
+                       start_layer=m.start if m else -1, end_layer=m.end if m else -1, device=self.device_label,
                        memory_bytes=self.memory, version=__version__, protocol_version=PROTOCOL_VERSION,
                        address=self.cfg.address, api_port=self.cfg.api_port, active_sessions=self.engine.n_sessions,
-                       peers=sorted(p.node_id for p in self.discovery.peers()), plan=self._plan_or_empty())
+                       peers=sorted(p.node_id for p in self.discovery.peers()), plan=self._plan_or_empty(),
+                       env=device.reported_env())
 
   def _plan_or_empty(self) -> list[pb.PlanEntry]:
     try: return self.plan().to_proto()
@@ -82,6 +85,9 @@ class Node:
     if self.cfg.node_port:
       self.server, _ = await start_server(Servicer(self.stage, self.info, self.serve_generate), self.cfg.host, self.cfg.node_port)
       log.info("node %s serving gRPC on %s:%d", self.cfg.node_id, self.cfg.host, self.cfg.node_port)
+    if self.cfg.api_port:
+      self.api = API(self)
+      await self.api.start(self.cfg.host, self.cfg.api_port)
     await self.discovery.start()
     await self.wait_for_peers(self.cfg.wait_for_peers)
     shard = self.plan().shard_of(self.cfg.node_id)
@@ -97,6 +103,7 @@ class Node:
       await asyncio.sleep(0.2)
 
   async def stop(self) -> None:
+    if self.api is not None: await self.api.stop()
     await self.discovery.stop()
     if self.server is not None: await self.server.stop(grace=1.0)
     await self.channels.close()

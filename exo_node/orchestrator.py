@@ -13,7 +13,7 @@ from exo_node.transport.link import Link
 from exo_node.transport.pb import exo_node_pb2 as pb
 
 log = logging.getLogger(__name__)
-STEP_TIMEOUT = 120.0  # first tokens include kernel compilation on a cold CPU node
+STEP_TIMEOUT = 600.0  # a cold CPU node compiles (and with --beam searches) kernels during the first steps
 
 
 class GenerationError(ExoError):
@@ -25,7 +25,11 @@ class Stats:
   prompt_tokens: int = 0
   completion_tokens: int = 0
   ttft_s: float = 0.0
+  finish: str = "length"  # "stop" once a stop token (or stop string) ends the request
   started: float = field(default_factory=time.monotonic)
+
+  @property
+  def elapsed_s(self) -> float: return time.monotonic() - self.started
 
 
 class Orchestrator:
@@ -61,7 +65,7 @@ class Orchestrator:
         except asyncio.TimeoutError: raise GenerationError(f"request {rid}: no token from the pipeline in {STEP_TIMEOUT:.0f}s") from None
         if isinstance(tok, Exception): raise GenerationError(f"request {rid} failed: {tok}")
         if step == 0: stats.ttft_s = time.monotonic() - stats.started
-        if tok in stop_ids: return
+        if tok in stop_ids: stats.finish = "stop"; return
         stats.completion_tokens += 1
         yield tok
         if step + 1 == s.max_tokens: return

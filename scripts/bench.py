@@ -19,7 +19,7 @@ def free_ports(n: int) -> list[int]:
 
 def one_stream(coord: Proc, prompt: list[int], n: int) -> dict:
   t0 = time.monotonic()
-  stamps = [t for _, t in coord.stream(prompt, max_tokens=n)]
+  stamps = [t for _, t in coord.stream(prompt, max_tokens=n, timeout=3600)]
   ttft = stamps[0] - t0
   return {"ttft_s": ttft, "decode_tok_s": (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9), "tokens": len(stamps),
           "wall_s": stamps[-1] - t0}

@@ -2,7 +2,7 @@
 browse for the same cluster, and admit a peer only after its health check and node-info call succeed and its
 protocol and model match. A peer that says goodbye or fails its health checks is dropped within ~2 s."""
 from __future__ import annotations
-import asyncio, logging, socket
+import asyncio, logging, socket, time
 from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,6 +38,7 @@ def local_ipv4() -> str:
 class MDNSDiscovery(Discovery):
   def __init__(self, node_id: str, cluster: str, port: int, channels: Channels, info: Callable[[], pb.NodeInfo],
                protocol_version: int, interface: str | None, advertise_ip: str):
+    super().__init__()
     self.node_id, self.cluster, self.port, self.channels, self.info = node_id, cluster, port, channels, info
     self.protocol_version, self.interface, self.advertise_ip = protocol_version, interface, advertise_ip
     self._peers: dict[str, PeerInfo] = {}  # service name -> peer
@@ -122,6 +123,7 @@ class MDNSDiscovery(Discovery):
     while True:
       await asyncio.sleep(CHECK_INTERVAL)
       for name, p in list(self._peers.items()):
-        try: await self._check(p.address)
+        t0 = time.monotonic()
+        try: await self._check(p.address); self.rtt[p.node_id] = time.monotonic() - t0
         except (grpc.aio.AioRpcError, ExoError):
           if self._peers.pop(name, None): log.warning("mDNS: peer %s at %s failed its health check: dropped", p.node_id, p.address)

@@ -11,6 +11,7 @@ log = logging.getLogger(__name__)
 
 class StaticDiscovery(Discovery):
   def __init__(self, addresses: list[str], channels: Channels, model_id: str, interval: float = 0.5):
+    super().__init__()
     self.addresses, self.channels, self.model_id, self.interval = addresses, channels, model_id, interval
     self._peers: dict[str, PeerInfo] = {}
     self._task: asyncio.Task | None = None
@@ -31,7 +32,7 @@ class StaticDiscovery(Discovery):
 
   async def _poll_once(self) -> None:
     async def one(addr: str) -> None:
-      try: info = await probe(self.channels, addr)
+      try: info = await probe(self.channels, addr, self.rtt)
       except grpc.aio.AioRpcError:
         if self._peers.pop(addr, None): log.warning("peer %s is gone", addr)
         return
