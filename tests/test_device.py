@@ -1,0 +1,62 @@
+"""Device binding: one process per GPU via CUDA_VISIBLE_DEVICES, set before tinygrad loads, and read back."""
+import os, signal, socket, subprocess, sys, time
+import grpc
+import pytest
+from conftest import exo_node, free_port
+from exo_node.local_cluster import Proc
+
+
+def serve(tmp_path, *args: str, env: dict | None = None) -> Proc:
+  port = free_port()
+  log = tmp_path / f"{port}.log"
+  popen = subprocess.Popen([sys.executable, "-m", "exo_node", "--node-port", str(port), "--api-port", "0", "--discovery", "none",
+                            "--max-context", "64", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                           env={**os.environ, **(env or {})}, start_new_session=True)
+  return Proc("", port, popen, log)
+
+
+def info_when_up(p: Proc, timeout: float = 120):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    assert p.popen.poll() is None, p.log.read_text()[-2000:]
+    try: return p.info()
+    except grpc.RpcError: time.sleep(0.2)
+  raise TimeoutError(p.log.read_text()[-2000:])
+
+
+@pytest.fixture
+def node(tmp_path):
+  procs = []
+  def start(*args, env=None):
+    procs.append(p := serve(tmp_path, *args, env=env)); return info_when_up(p), p
+  yield start
+  for p in procs:
+    os.killpg(p.popen.pid, signal.SIGTERM); p.popen.wait(15)
+
+
+def test_gpu_flag_sets_cuda_visible_devices_before_the_engine_starts(node):
+  info, _ = node("--gpu", "3", "--device", "CPU")
+  assert info.env["CUDA_VISIBLE_DEVICES"] == "3"
+
+
+def test_cuda_visible_devices_from_the_environment_is_honoured_as_is(node):
+  info, _ = node("--device", "CPU", env={"CUDA_VISIBLE_DEVICES": "1"})
+  assert info.env["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_cpu_node_reports_its_ram_and_a_stable_default_id(node):
+  info, p = node()
+  with open("/proc/meminfo") as f: total = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemTotal"))
+  assert info.memory_bytes == total and info.device.startswith("CPU")
+  assert info.node_id == f"{socket.gethostname()}-{p.port}"
+
+
+def test_memory_flag_overrides_the_detected_value(node):
+  info, _ = node("--memory", "123456789")
+  assert info.memory_bytes == 123456789
+
+
+def test_gpu_flag_without_a_gpu_fails_clearly():
+  r = exo_node("--gpu", "0", "--discovery", "none", "--node-port", "0", "--prompt", "hi", timeout=120)
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert "CUDA" in r.stderr.strip().splitlines()[-1]
