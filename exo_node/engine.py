@@ -29,7 +29,7 @@ class Session:
 
 
 class Engine:
-  def __init__(self, load: Callable[[], ShardModel] | None = None, max_sessions: int = 16, chunk: int = 32):
+  def __init__(self, load: Callable[[], ShardModel] | None = None, max_sessions: int = 16, chunk: int = 16):
     self.max_sessions, self.chunk = max_sessions, chunk
     self.model: ShardModel | None = None
     self.sessions: OrderedDict[str, Session] = OrderedDict()
