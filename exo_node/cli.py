@@ -26,9 +26,11 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
   a("--mdns-interface", default=None, help="restrict mDNS to this interface address")
   a("--wait-for-peers", type=int, default=0, help="wait for N peers before loading and serving")
   a("--peer-timeout", type=float, default=300.0, help="seconds to wait for --wait-for-peers before giving up")
-  a("--cluster-secret", default=None, help="shared secret (or EXO_CLUSTER_SECRET)")
+  a("--cluster-secret", default=None, help="shared secret every gRPC call proves with an HMAC (or EXO_CLUSTER_SECRET)")
+  a("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the HTTP API (or EXO_API_KEY)")
   a("--max-context", type=int, default=4096)
-  a("--max-sessions", type=int, default=16, help="KV sessions kept per node (LRU)")
+  a("--max-sessions", type=int, default=16, help="KV sessions per node, and requests a coordinator runs at once (more wait)")
+  a("--drain-timeout", type=float, default=10.0, help="at SIGTERM, seconds that running requests get to finish")
   a("--beam", type=int, default=0, help="tinygrad BEAM search width for kernels (cached across runs)")
   a("--prompt", default=None, help="generate once through the cluster, print the completion and exit")
   a("--raw", action="store_true", help="no chat template: plain completion")
@@ -59,9 +61,11 @@ async def run(cfg: NodeConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM): asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     log.info("node %s ready", cfg.node_id)
     await stop.wait()
+    log.info("node %s stopping: draining for up to %.0fs", cfg.node_id, cfg.drain_timeout)
+    await node.stop(cfg.drain_timeout)
     return 0
   finally:
-    await node.stop()
+    if not node.draining: await node.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

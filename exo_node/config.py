@@ -22,8 +22,10 @@ class NodeConfig:
   wait_for_peers: int = 0
   peer_timeout: float = 300.0
   cluster_secret: str | None = None
+  api_key: str | None = None
   max_context: int = 4096
   max_sessions: int = 16
+  drain_timeout: float = 10.0
   beam: int = 0
   # one-shot generation
   prompt: str | None = None
@@ -37,6 +39,7 @@ class NodeConfig:
   def __post_init__(self):
     if not self.node_id: self.node_id = f"{socket.gethostname()}-{self.node_port}"  # stable and unique per host:port
     if self.cluster_secret is None: self.cluster_secret = os.environ.get("EXO_CLUSTER_SECRET") or None
+    if self.api_key is None: self.api_key = os.environ.get("EXO_API_KEY") or None
     if not self.advertise_host:
       if self.host not in ("0.0.0.0", "::", ""): self.advertise_host = self.host
       elif self.discovery == "mdns":

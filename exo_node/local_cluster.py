@@ -1,10 +1,11 @@
 """Real exo-node processes on 127.0.0.1 with static peers, for tests and the bench; always cleaned up."""
 from __future__ import annotations
-import os, signal, subprocess, sys, time
+import subprocess, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 import grpc
+from exo_node.launch.supervisor import terminate
 from exo_node.transport.pb import exo_node_pb2 as pb, exo_node_pb2_grpc as pbg
 
 
@@ -56,10 +57,17 @@ class Cluster:
       args = ["--node-id", f"n{i}", "--node-port", str(port), "--api-port", str(api_port), *discovery, "--max-context", "512", *extra]
       if memory: args += ["--memory", str(memory[i])]
       log = log_dir / f"n{i}.log"
-      popen = subprocess.Popen([sys.executable, "-m", "exo_node", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
-      self.procs.append(Proc(f"n{i}", port, popen, log, api_port))
+      self.procs.append(Proc(f"n{i}", port, self._spawn([sys.executable, "-m", "exo_node", *args], log), log, api_port))
     return self
+
+  @staticmethod
+  def _spawn(argv: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+
+  def restart(self, i: int) -> None:
+    """Starts node i again with the same arguments (after it died)."""
+    p = self.procs[i]
+    p.popen = self._spawn(p.popen.args, p.log)
 
   def wait_ready(self, timeout: float = 300) -> list[pb.NodeInfo]:
     """Until every node holds layers and together they cover the model exactly once."""
@@ -76,39 +84,4 @@ class Cluster:
       time.sleep(0.3)
     raise TimeoutError("cluster not ready:\n" + "\n".join(p.log.read_text()[-1500:] for p in self.procs))
 
-  def stop(self) -> None:
-    for p in self.procs:
-      if p.popen.poll() is None: os.killpg(p.popen.pid, signal.SIGTERM)
-    for p in self.procs:
-      try: p.popen.wait(10)
-      except subprocess.TimeoutExpired: os.killpg(p.popen.pid, signal.SIGKILL); p.popen.wait()
-
-
-def main(argv: list[str] | None = None) -> None:
-  """`python -m exo_node.local_cluster`: a local cluster of CPU nodes with static peers, serving the API."""
-  import argparse
-  p = argparse.ArgumentParser(description=main.__doc__)
-  p.add_argument("--nodes", type=int, default=2)
-  p.add_argument("--base-port", type=int, default=8001, help="gRPC ports start here")
-  p.add_argument("--api-port", type=int, default=52415, help="the first node's API port; the others follow")
-  p.add_argument("--model", default="smollm2-135m")
-  p.add_argument("--log-dir", default="logs")
-  a = p.parse_args(argv)
-  log_dir = Path(a.log_dir); log_dir.mkdir(parents=True, exist_ok=True)
-  with Cluster().start([a.base_port + i for i in range(a.nodes)], log_dir, extra=["--model", a.model],
-                       api_ports=[a.api_port + i for i in range(a.nodes)]) as c:
-    print(f"starting {a.nodes} nodes (logs in {log_dir}/); the first start compiles kernels, a minute or two on a CPU", flush=True)
-    infos = c.wait_ready(timeout=1800)
-    for i in infos: print(f"  {i.node_id}  {i.address}  layers [{i.start_layer}, {i.end_layer})  {i.device}", flush=True)
-    url = c.procs[0].url
-    print(f"\nweb chat: {url}/\nAPI:      {url}/v1\n\ncurl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-          f"  -d '{{\"model\": \"{a.model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'\n"
-          f"\nCtrl-C stops the cluster.", flush=True)
-    try:
-      while all(p.popen.poll() is None for p in c.procs): time.sleep(0.5)
-      dead = next(p for p in c.procs if p.popen.poll() is not None)
-      raise SystemExit(f"node {dead.node_id} exited with code {dead.popen.returncode}; see {dead.log}")
-    except KeyboardInterrupt: print("\nstopping", flush=True)
-
-
-if __name__ == "__main__": main()
+  def stop(self) -> None: terminate([p.popen for p in self.procs], grace=10)

@@ -35,15 +35,17 @@ class Node:
     self.caps = self.engine.submit(device.capabilities).result()  # opened on the thread that will use it
     self.memory = cfg.memory or self.caps.memory_bytes
     self.device_label = self.caps.device if self.caps.name == self.caps.device or self.caps.name == "CPU" else f"{self.caps.device}: {self.caps.name}"
-    self.channels = Channels()
+    self.channels = Channels(cfg.cluster_secret)
     self.stage = Stage(cfg.node_id, self.engine, self.channels, self.ensure_layers)
-    self.orchestrator = Orchestrator(cfg.node_id, cfg.address, self.model_id, self.stage, self.plan)
+    self.orchestrator = Orchestrator(cfg.node_id, cfg.address, self.model_id, self.stage, self.plan,
+                                     lambda: {cfg.node_id, *(p.node_id for p in self.discovery.peers())}, cfg.max_sessions)
     self.discovery: Discovery = Discovery()
     if cfg.discovery == "static": self.discovery = StaticDiscovery(cfg.peers, self.channels, self.model_id)
     elif cfg.discovery == "mdns":
       self.discovery = MDNSDiscovery(cfg.node_id, cfg.cluster, cfg.node_port, self.channels, self.info, PROTOCOL_VERSION,
                                      cfg.mdns_interface, cfg.advertise_host)
     self.server, self.api = None, None
+    self.draining = False  # set at shutdown: new requests are refused, those in flight may finish
     self._load_lock = asyncio.Lock()
 
   @property
@@ -70,6 +72,7 @@ class Node:
     except ExoError: return []
 
   async def serve_generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateReply]:
+    if self.draining: raise ExoError(f"node {self.cfg.node_id} is shutting down")
     ids = check_prompt(self, list(req.prompt_ids)) if req.prompt_ids else prompt_ids(self, req.prompt, req.raw)
     async for tok, text in generate(self, ids, sampling_from_proto(req.sampling)): yield pb.GenerateReply(ids=[] if tok is None else [tok], text=text)
 
@@ -83,7 +86,8 @@ class Node:
 
   async def start(self) -> None:
     if self.cfg.node_port:
-      self.server, _ = await start_server(Servicer(self.stage, self.info, self.serve_generate), self.cfg.host, self.cfg.node_port)
+      self.server, _ = await start_server(Servicer(self.stage, self.info, self.serve_generate), self.cfg.host, self.cfg.node_port,
+                                          self.cfg.cluster_secret)
       log.info("node %s serving gRPC on %s:%d", self.cfg.node_id, self.cfg.host, self.cfg.node_port)
     if self.cfg.api_port:
       self.api = API(self)
@@ -104,7 +108,12 @@ class Node:
                        + (f"; not reachable: {', '.join(missing)}" if missing else ""))
       await asyncio.sleep(0.2)
 
-  async def stop(self) -> None:
+  async def stop(self, drain: float = 0.0) -> None:
+    """Refuse new requests, give those in flight up to `drain` seconds, then close; the mDNS goodbye comes last."""
+    self.draining, deadline = True, time.monotonic() + drain
+    busy = lambda: self.orchestrator.active + len(self.stage.requests)  # coordinated here, or passing through
+    while busy() and time.monotonic() < deadline: await asyncio.sleep(0.05)
+    if busy(): log.warning("stopping with %d request(s) unfinished after %.0fs", busy(), drain)
     if self.api is not None: await self.api.stop()
     await self.discovery.stop()
     if self.server is not None: await self.server.stop(grace=1.0)

@@ -2,6 +2,7 @@
 token from the last shard, decide when to stop, and free the request on every node when it ends."""
 from __future__ import annotations
 import asyncio, logging, time, uuid
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 import numpy as np
@@ -14,6 +15,8 @@ from exo_node.transport.pb import exo_node_pb2 as pb
 
 log = logging.getLogger(__name__)
 STEP_TIMEOUT = 600.0  # a cold CPU node compiles (and with --beam searches) kernels during the first steps
+DETECT_TIMEOUT = 3.0  # how long a failed request waits for discovery to drop the dead node before giving up
+MAX_REPLANS = 3
 
 
 class GenerationError(ExoError):
@@ -33,14 +36,52 @@ class Stats:
 
 
 class Orchestrator:
-  def __init__(self, node_id: str, address: str, model_id: str, stage: Stage, plan: Callable[[], Plan]):
-    self.node_id, self.address, self.model_id, self.stage, self.plan = node_id, address, model_id, stage, plan
+  """Runs a request over a pinned plan. When a node of that plan dies mid-request, it re-plans over the survivors
+  and replays the prefix (prompt + tokens so far) under a new request id: the client sees one stream."""
+  def __init__(self, node_id: str, address: str, model_id: str, stage: Stage, plan: Callable[[], Plan],
+               live: Callable[[], set[str]], max_inflight: int = 16):
+    self.node_id, self.address, self.model_id, self.stage, self.plan, self.live = node_id, address, model_id, stage, plan, live
+    self.slots = asyncio.Semaphore(max_inflight)  # more requests wait here (backpressure), not in the nodes' KV caches
+    self.active = 0  # requests coordinated here, waiting or running
 
   async def generate(self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int] = frozenset(),
                      request_id: str | None = None, stats: Stats | None = None) -> AsyncIterator[int]:
     """Yields sampled token ids; stops on a stop id (not yielded) or after params.max_tokens."""
-    rid, stats = request_id or uuid.uuid4().hex, stats or Stats()
-    plan = self.plan()  # pinned for the whole request
+    self.active += 1
+    try:
+      async with self.slots, aclosing(self._generate(prompt, params, stop_ids, request_id, stats or Stats())) as tokens:
+        async for tok in tokens: yield tok
+    finally: self.active -= 1
+
+  async def _generate(self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int], request_id: str | None,
+                      stats: Stats) -> AsyncIterator[int]:
+    rid = request_id or uuid.uuid4().hex
+    stats.prompt_tokens, done, plan = len(prompt), [], self.plan()
+    for attempt in range(MAX_REPLANS + 1):
+      try:
+        async for tok in self._run(f"{rid}.{attempt}" if attempt else rid, plan, prompt, done, params, stop_ids, stats):
+          done.append(tok); yield tok
+        return
+      except GenerationError as e:
+        if attempt == MAX_REPLANS: raise
+        t0 = time.monotonic()
+        plan = await self._replan(plan, e)
+        log.warning("request %s: %s; re-planned over %s in %.2fs, replaying %d tokens", rid, e,
+                    ", ".join(f"{x.node_id}[{x.start},{x.end})" for x in plan.shards), time.monotonic() - t0, len(prompt) + len(done))
+
+  async def _replan(self, old: Plan, error: GenerationError) -> Plan:
+    """Once discovery has dropped the dead node(s) of `old`: a plan over the survivors, or an error naming them."""
+    deadline = time.monotonic() + DETECT_TIMEOUT
+    while not (gone := [x for x in old.shards if x.node_id not in self.live()]):
+      if time.monotonic() > deadline: raise error  # every node of the plan is alive: not a failure re-planning fixes
+      await asyncio.sleep(0.05)
+    names = ", ".join(f"{x.node_id} ({x.address})" for x in gone)
+    try: return self.plan()
+    except ExoError as e: raise GenerationError(f"node {names} left the cluster and the remaining nodes cannot serve the model: {e}") from None
+
+  async def _run(self, rid: str, plan: Plan, prompt: list[int], done: list[int], params: SamplingParams,
+                 stop_ids: frozenset[int], stats: Stats) -> AsyncIterator[int]:
+    """One attempt: the prefix (prompt + tokens already produced) goes in as the prompt, then decode."""
     s = params
     sampling = pb.Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_tokens=s.max_tokens,
                            **({"seed": s.seed} if s.seed is not None else {}))
@@ -58,19 +99,23 @@ class Orchestrator:
         if link is None: await self.stage.step(rid, step, pos, np.asarray(ids, dtype=np.int64))
         else: link.send(pb.Frame(step=pb.Step(step=step, position=pos, tokens=pb.TokenIds(ids=ids))))
 
-      stats.prompt_tokens, pos = len(prompt), 0
-      await feed(0, 0, prompt)
-      for step in range(s.max_tokens):
-        try: got_step, tok = await asyncio.wait_for(tokens.get(), STEP_TIMEOUT)
+      prefix, left = [*prompt, *done], s.max_tokens - len(done)
+      pos = 0
+      await feed(0, 0, prefix)
+      for step in range(left):
+        try: _, tok = await asyncio.wait_for(tokens.get(), STEP_TIMEOUT)
         except asyncio.TimeoutError: raise GenerationError(f"request {rid}: no token from the pipeline in {STEP_TIMEOUT:.0f}s") from None
         if isinstance(tok, Exception): raise GenerationError(f"request {rid} failed: {tok}")
-        if step == 0: stats.ttft_s = time.monotonic() - stats.started
+        if not done and step == 0: stats.ttft_s = time.monotonic() - stats.started
         if tok in stop_ids: stats.finish = "stop"; return
         stats.completion_tokens += 1
         yield tok
-        if step + 1 == s.max_tokens: return
-        pos += len(prompt) if step == 0 else 1
+        if step + 1 == left: return
+        pos += len(prefix) if step == 0 else 1
         await feed(step + 1, pos, [tok])
+    except ExoError as e:
+      if isinstance(e, GenerationError): raise
+      raise GenerationError(f"request {rid} failed: {e}") from None
     finally:
       self.stage.deliver.pop(rid, None)
       if link is not None: link.close("done")

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec .venv/bin/python -m exo_node.local_cluster --nodes 2 "$@"
+exec .venv/bin/exo-cluster --cpu-nodes 2 --discovery static "$@"

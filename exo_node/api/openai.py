@@ -8,10 +8,10 @@ from exo_node.model.sampling import SamplingParams
 
 class APIError(Exception):
   """Becomes an HTTP error with OpenAI's error body."""
-  def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
-    super().__init__(message); self.status, self.message, self.type, self.param = status, message, type_, param
+  def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    super().__init__(message); self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
-  def body(self) -> dict[str, Any]: return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
+  def body(self) -> dict[str, Any]: return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API, the web page and the node's health and metrics, on aiohttp. Any node
 serves it: a request that enters here makes this node its coordinator."""
 from __future__ import annotations
-import json, logging
+import hmac, json, logging
 from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
@@ -21,7 +21,7 @@ STATIC = Path(__file__).parent / "static"
 class API:
   def __init__(self, node: Node):
     self.node, self.metrics = node, Metrics()
-    self.app = web.Application(middlewares=[self._errors], client_max_size=8 * 1024 * 1024)
+    self.app = web.Application(middlewares=[self._errors, self._auth], client_max_size=8 * 1024 * 1024)
     self.app.add_routes([web.get("/", self.index), web.get("/healthz", self.healthz), web.get("/metrics", self.prometheus),
                          web.get("/v1/models", self.models), web.get("/v1/cluster", self.cluster),
                          web.post("/v1/chat/completions", self.chat), web.post("/v1/completions", self.complete),
@@ -49,6 +49,16 @@ class API:
       resp = web.json_response(APIError(500, f"internal error: {type(e).__name__}", "server_error").body(), status=500)
     self.metrics.requests[(request.path if request.path.startswith("/v1/") else "other", resp.status)] += 1
     return resp
+
+  @web.middleware
+  async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
+    """With --api-key, the API and metrics need `Authorization: Bearer KEY`; the page and /healthz stay open."""
+    key = self.node.cfg.api_key
+    if key and (request.path.startswith("/v1/") or request.path == "/metrics"):
+      scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+      if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+    return await handler(request)
 
   async def index(self, request: web.Request) -> web.FileResponse: return web.FileResponse(STATIC / "index.html")
 
@@ -79,6 +89,7 @@ class API:
   async def complete(self, request: web.Request) -> web.StreamResponse: return await self._completion(request, chat=False)
 
   async def _completion(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    if self.node.draining: raise APIError(503, f"node {self.node.cfg.node_id} is shutting down", "server_error")
     try: body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError): raise APIError(400, "the request body is not valid JSON") from None
     r = parse(body, chat, self.node.cfg.max_context)

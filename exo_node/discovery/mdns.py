@@ -107,7 +107,7 @@ class MDNSDiscovery(Discovery):
       await self._check(address)
       info = await probe(self.channels, address)
     except grpc.aio.AioRpcError as e:
-      log.warning("mDNS: peer %s at %s not admitted: %s", name, address, e.code().name); return
+      log.warning("mDNS: peer %s at %s not admitted: %s: %s", name, address, e.code().name, e.details()); return
     if info.protocol_version != self.protocol_version:
       log.warning("mDNS: peer %s speaks protocol %d, not %d: ignored", info.node_id, info.protocol_version, self.protocol_version); return
     if info.model_id != self.info().model_id:

@@ -14,6 +14,7 @@ class StaticDiscovery(Discovery):
     super().__init__()
     self.addresses, self.channels, self.model_id, self.interval = addresses, channels, model_id, interval
     self._peers: dict[str, PeerInfo] = {}
+    self._refused: set[str] = set()  # peers that refused our cluster proof, logged once
     self._task: asyncio.Task | None = None
 
   async def start(self) -> None:
@@ -33,8 +34,10 @@ class StaticDiscovery(Discovery):
   async def _poll_once(self) -> None:
     async def one(addr: str) -> None:
       try: info = await probe(self.channels, addr, self.rtt)
-      except grpc.aio.AioRpcError:
+      except grpc.aio.AioRpcError as e:
         if self._peers.pop(addr, None): log.warning("peer %s is gone", addr)
+        if e.code() != grpc.StatusCode.UNAUTHENTICATED: self._refused.discard(addr)
+        elif addr not in self._refused: self._refused.add(addr); log.warning("peer %s refused us: %s", addr, e.details())
         return
       if info.model_id != self.model_id:
         log.warning("peer %s serves model %s, not %s: ignored", addr, info.model_id, self.model_id); return

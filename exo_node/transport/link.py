@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio, logging
 from typing import Callable
 import grpc
+from exo_node.transport.auth import client_interceptors
 from exo_node.transport.pb import exo_node_pb2 as pb, exo_node_pb2_grpc as pbg
 
 log = logging.getLogger(__name__)
@@ -14,10 +15,13 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_rec
 
 class Channels:
   """One channel per peer address, shared by every stream to it."""
-  def __init__(self): self._channels: dict[str, grpc.aio.Channel] = {}
+  def __init__(self, secret: str | None = None):
+    self._channels: dict[str, grpc.aio.Channel] = {}
+    self._interceptors = client_interceptors(secret)
 
   def channel(self, address: str) -> grpc.aio.Channel:
-    if address not in self._channels: self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    if address not in self._channels:
+      self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=self._interceptors)
     return self._channels[address]
 
   def stub(self, address: str) -> pbg.ExoNodeStub: return pbg.ExoNodeStub(self.channel(address))

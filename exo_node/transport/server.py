@@ -8,6 +8,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from exo_node.errors import ExoError
 from exo_node.prompt import PromptError
 from exo_node.stage import Stage, StageError
+from exo_node.transport.auth import ServerAuth
 from exo_node.transport.codec import FrameError, decode_tensor, decode_tokens
 from exo_node.transport.link import CHANNEL_OPTIONS
 from exo_node.transport.pb import exo_node_pb2 as pb, exo_node_pb2_grpc as pbg
@@ -95,8 +96,8 @@ class Servicer(pbg.ExoNodeServicer):
     return decode_tensor(s.hidden, hidden_size=m.cfg.dim, max_elements=m.max_context * m.cfg.dim)
 
 
-async def start_server(servicer: Servicer, host: str, port: int) -> tuple[grpc.aio.Server, health.HealthServicer]:
-  server = grpc.aio.server(options=CHANNEL_OPTIONS)
+async def start_server(servicer: Servicer, host: str, port: int, secret: str | None = None) -> tuple[grpc.aio.Server, health.HealthServicer]:
+  server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[ServerAuth(secret)] if secret else [])
   pbg.add_ExoNodeServicer_to_server(servicer, server)
   hs = health.aio.HealthServicer()
   health_pb2_grpc.add_HealthServicer_to_server(hs, server)

@@ -15,11 +15,25 @@ const state = {
   clusterData: null,  // ...and the object itself, to redraw when the panel is resized
 };
 
+// ---------------------------------------------------------------- API access
+
+// A node started with --api-key wants "Authorization: Bearer KEY": asked for once, kept in this browser.
+async function api(path, init = {}) {
+  const send = () => fetch(path, { ...init, headers: { ...(init.headers || {}),
+    ...(localStorage.exoApiKey ? { Authorization: `Bearer ${localStorage.exoApiKey}` } : {}) } });
+  const r = await send();
+  if (r.status !== 401) return r;
+  const key = window.prompt("This cluster needs an API key:");
+  if (!key) return r;
+  localStorage.exoApiKey = key;
+  return send();
+}
+
 // ---------------------------------------------------------------- model
 
 async function loadModel() {
   try {
-    const r = await fetch("/v1/models", { cache: "no-store" });
+    const r = await api("/v1/models", { cache: "no-store" });
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     const body = await r.json();
     const first = body && Array.isArray(body.data) && body.data[0];
@@ -150,7 +164,7 @@ async function send() {
 
   try {
     const model = state.model || await loadModel();
-    const r = await fetch("/v1/chat/completions", {
+    const r = await api("/v1/chat/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json", "Accept": "text/event-stream" },
       body: JSON.stringify({ model, messages: state.history, stream: true, max_tokens: maxTokens, temperature }),
@@ -368,7 +382,7 @@ function drawCluster(c) {
 
 async function pollCluster() {
   try {
-    const r = await fetch("/v1/cluster", { cache: "no-store", signal: AbortSignal.timeout(POLL_MS * 3) });
+    const r = await api("/v1/cluster", { cache: "no-store", signal: AbortSignal.timeout(POLL_MS * 3) });
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     const c = await r.json();
     const key = JSON.stringify(c);
