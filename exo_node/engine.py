@@ -22,6 +22,10 @@ class EngineError(ExoError):
   """A request the engine refuses: out-of-order position, context overflow, unknown session."""
 
 
+class SessionLimitError(EngineError):
+  """Every KV session slot is taken: try again later (RESOURCE_EXHAUSTED), the request itself is fine."""
+
+
 @dataclass
 class Session:
   kv: list[Tensor]
@@ -75,7 +79,7 @@ class Engine:
       if s is None:
         if start_pos != 0: raise EngineError(f"unknown session {request_id!r} at position {start_pos}")
         if len(self.sessions) >= self.max_sessions:  # refused, never evicted: an evicted session is a broken request
-          raise EngineError(f"this node holds its limit of {self.max_sessions} KV sessions (--max-sessions)")
+          raise SessionLimitError(f"this node holds its limit of {self.max_sessions} KV sessions (--max-sessions)")
         s = self.sessions[request_id] = Session(self.model.new_cache(pad=self.chunk))
       self.sessions.move_to_end(request_id)
       return s

@@ -36,7 +36,7 @@ class Node:
     self.memory = cfg.memory or self.caps.memory_bytes
     self.device_label = self.caps.device if self.caps.name == self.caps.device or self.caps.name == "CPU" else f"{self.caps.device}: {self.caps.name}"
     self.channels = Channels(cfg.cluster_secret)
-    self.stage = Stage(cfg.node_id, self.engine, self.channels, self.ensure_layers)
+    self.stage = Stage(cfg.node_id, self.engine, self.channels, self.ensure_layers, self.weights.config.n_layers)
     self.orchestrator = Orchestrator(cfg.node_id, cfg.address, self.model_id, self.stage, self.plan,
                                      lambda: {cfg.node_id, *(p.node_id for p in self.discovery.peers())}, cfg.max_sessions)
     self.discovery: Discovery = Discovery()

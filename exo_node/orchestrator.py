@@ -1,11 +1,12 @@
 """The coordinator's side of a request: pin a plan, feed the prompt into the first shard, collect each sampled
 token from the last shard, decide when to stop, and free the request on every node when it ends."""
 from __future__ import annotations
-import asyncio, logging, time, uuid
+import asyncio, itertools, logging, time, uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 import numpy as np
+from exo_node.engine import SessionLimitError
 from exo_node.errors import ExoError
 from exo_node.model.sampling import SamplingParams
 from exo_node.stage import Stage
@@ -17,10 +18,12 @@ log = logging.getLogger(__name__)
 STEP_TIMEOUT = 600.0  # a cold CPU node compiles (and with --beam searches) kernels during the first steps
 DETECT_TIMEOUT = 3.0  # how long a failed request waits for discovery to drop the dead node before giving up
 MAX_REPLANS = 3
+BUSY_WAIT = 120.0  # how long a request waits for a KV session on a full node before it fails
 
 
 class GenerationError(ExoError):
-  """The pipeline failed mid-request (a peer died or refused a frame)."""
+  """The pipeline failed mid-request (a peer died or refused a frame). `busy`: a node had no free KV session."""
+  def __init__(self, message: str, busy: bool = False): super().__init__(message); self.busy = busy
 
 
 @dataclass
@@ -57,13 +60,18 @@ class Orchestrator:
                       stats: Stats) -> AsyncIterator[int]:
     rid = request_id or uuid.uuid4().hex
     stats.prompt_tokens, done, plan = len(prompt), [], self.plan()
-    for attempt in range(MAX_REPLANS + 1):
+    attempt, waited = 0, 0.0
+    for tries in itertools.count():
       try:
-        async for tok in self._run(f"{rid}.{attempt}" if attempt else rid, plan, prompt, done, params, stop_ids, stats):
+        async for tok in self._run(f"{rid}.{tries}" if tries else rid, plan, prompt, done, params, stop_ids, stats):
           done.append(tok); yield tok
         return
       except GenerationError as e:
+        if e.busy and waited < BUSY_WAIT:  # other coordinators hold a node's sessions: wait for one, same plan
+          await asyncio.sleep(delay := min(0.1 * 1.5 ** tries, 1.0)); waited += delay; continue
+        if e.busy: raise GenerationError(f"the cluster stayed busy for {BUSY_WAIT:.0f}s: {e}") from None
         if attempt == MAX_REPLANS: raise
+        attempt += 1
         t0 = time.monotonic()
         plan = await self._replan(plan, e)
         log.warning("request %s: %s; re-planned over %s in %.2fs, replaying %d tokens", rid, e,
@@ -105,7 +113,7 @@ class Orchestrator:
       for step in range(left):
         try: _, tok = await asyncio.wait_for(tokens.get(), STEP_TIMEOUT)
         except asyncio.TimeoutError: raise GenerationError(f"request {rid}: no token from the pipeline in {STEP_TIMEOUT:.0f}s") from None
-        if isinstance(tok, Exception): raise GenerationError(f"request {rid} failed: {tok}")
+        if isinstance(tok, Exception): raise GenerationError(f"request {rid} failed: {tok}", busy="RESOURCE_EXHAUSTED" in str(tok))
         if not done and step == 0: stats.ttft_s = time.monotonic() - stats.started
         if tok in stop_ids: stats.finish = "stop"; return
         stats.completion_tokens += 1
@@ -115,7 +123,7 @@ class Orchestrator:
         await feed(step + 1, pos, [tok])
     except ExoError as e:
       if isinstance(e, GenerationError): raise
-      raise GenerationError(f"request {rid} failed: {e}") from None
+      raise GenerationError(f"request {rid} failed: {e}", busy=isinstance(e, SessionLimitError)) from None
     finally:
       self.stage.deliver.pop(rid, None)
       if link is not None: link.close("done")

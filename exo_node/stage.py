@@ -8,7 +8,7 @@ import numpy as np
 from exo_node.engine import Engine
 from exo_node.errors import ExoError
 from exo_node.model.sampling import Sampler, SamplingParams
-from exo_node.topology import Plan, Shard
+from exo_node.topology import PartitionError, Plan, Shard
 from exo_node.transport.codec import encode_tensor
 from exo_node.transport.link import Channels, Link
 from exo_node.transport.pb import exo_node_pb2 as pb
@@ -38,15 +38,17 @@ class Request:
 
 class Stage:
   def __init__(self, node_id: str, engine: Engine, channels: Channels,
-               ensure_layers: Callable[[int, int], "asyncio.Future | None"] | None = None):
-    self.node_id, self.engine, self.channels, self.ensure_layers = node_id, engine, channels, ensure_layers
+               ensure_layers: Callable[[int, int], "asyncio.Future | None"] | None = None, n_layers: int = 0):
+    self.node_id, self.engine, self.channels, self.ensure_layers, self.n_layers = node_id, engine, channels, ensure_layers, n_layers
     self.requests: dict[str, Request] = {}
     self.deliver: dict[str, Callable[[int, int | Exception], None]] = {}  # coordinated here: rid -> (step, token|error)
 
   async def open(self, header: pb.Header) -> Request:
     rid = header.request_id
     if rid in self.requests: raise StageError(f"request {rid!r} is already open")
-    plan = Plan.from_proto(header.plan)
+    try: plan = Plan.from_proto(header.plan)
+    except PartitionError as e: raise StageError(f"request {rid!r}: {e}") from None
+    if self.n_layers and plan.n_layers != self.n_layers: raise StageError(f"request {rid!r}: plan covers {plan.n_layers} layers, the model has {self.n_layers}")
     shard = plan.shard_of(self.node_id)
     if shard is None: raise StageError(f"request {rid!r}: this node ({self.node_id}) is not in its plan")
     m = self.engine.model

@@ -8,6 +8,7 @@ from conftest import PROMPT_IDS, free_port, greedy
 from exo_node.launch.env import inherited, is_secret, masked
 from exo_node.launch.spec import Host, assign, parse_hosts, world_env
 from exo_node.errors import ExoError
+from exo_node.transport.auth import HEADER, proof
 from exo_node.transport.pb import exo_node_pb2 as pb, exo_node_pb2_grpc as pbg
 
 LOOPBACK = ["--host", "127.0.0.1", "--mdns-interface", "127.0.0.1", "--max-context", "512"]
@@ -20,6 +21,7 @@ class Launcher:
     argv = [sys.executable, "-m", "exo_node.launch.cli", "--base-port", str(self.base), "--api-port", str(self.api),
             "--cluster", self.cluster, "--log-dir", str(tmp / "logs"), "--grace", "10", *args, "--", *LOOPBACK, *nodes]
     self.popen = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    self.secret = args[args.index("--cluster-secret") + 1] if "--cluster-secret" in args else None
     self.lines: list[str] = []
     threading.Thread(target=lambda: self.lines.extend(iter(self.popen.stdout.readline, "")), daemon=True).start()
 
@@ -37,7 +39,8 @@ class Launcher:
   def info(self, rank: int, timeout: float = 60) -> pb.NodeInfo:
     stub, deadline = pbg.ExoNodeStub(grpc.insecure_channel(f"127.0.0.1:{self.base + rank}")), time.monotonic() + timeout
     while True:
-      try: return stub.Info(pb.InfoRequest(), timeout=2)
+      proof_md = [(HEADER, proof(self.secret, "/exo_node.v1.ExoNode/Info"))] if self.secret else []
+      try: return stub.Info(pb.InfoRequest(), timeout=2, metadata=proof_md)
       except grpc.RpcError:
         if time.monotonic() > deadline: raise
         time.sleep(0.2)
@@ -128,20 +131,26 @@ def test_print_env_shows_each_gpu_and_masks_secrets(fake_gpus):
 def test_children_get_their_gpu_ranks_and_the_filtered_environment(launch, fake_gpus):
   """Read back from each child's real environment (node-info), before the model loads; then Ctrl-C mid start-up."""
   env = {**fake_gpus, "EXO_TEST_INHERITED": "yes", "EXO_TEST_TOKEN": "hunter2", "EXO_TEST_API_KEY": "k1", "BEAM": "0"}
-  l = launch("--gpus", "0,1", "--env", "DEV=CPU", "--pass-env", "EXO_TEST_API_KEY", "--node-env", "1:EXO_TEST_INHERITED=override", env=env)
+  l = launch("--gpus", "0,1", "--env", "DEV=CPU", "--pass-env", "EXO_TEST_API_KEY", "--node-env", "1:EXO_TEST_INHERITED=override",
+             "--restart", "on-failure", env=env)
   got = [dict(l.info(r).env) for r in (0, 1)]
   assert [(e["CUDA_VISIBLE_DEVICES"], e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"], e["LOCAL_WORLD_SIZE"], e["GROUP_RANK"]) for e in got] == \
     [("0", "0", "0", "2", "2", "0"), ("1", "1", "1", "2", "2", "0")]
   assert all(e["MASTER_ADDR"] == "127.0.0.1" and e["MASTER_PORT"] == str(l.base) and e["BEAM"] == "0" for e in got)
   assert [e.get("EXO_TEST_INHERITED") for e in got] == ["yes", "override"]
   assert all("EXO_TEST_TOKEN" not in e and e["EXO_TEST_API_KEY"] == "k1" for e in got)
+
+  os.kill(int(subprocess.run(["pgrep", "-f", "--", f"--node-id node-1 .*--cluster {l.cluster}"], capture_output=True, text=True).stdout.split()[0]), signal.SIGKILL)
+  l.wait_for(r"node-1 exited with code -9; log .*node-1\.log, last lines:\n    ", 30)  # a crash is reported...
+  l.wait_for(r"restarting node-1 \(1/3\)", 10)  # ...and restarted with the same environment
+  assert dict(l.info(1).env)["EXO_TEST_INHERITED"] == "override"
   assert l.stop(signal.SIGINT) == 0 and l.children() == []
   assert "stopped" in l.output
 
 
-def test_three_cpu_nodes_form_a_cluster_answer_restart_a_crash_and_leave_nothing_behind(launch, full_engine, weights):
+def test_three_cpu_nodes_form_a_cluster_answer_drain_at_sigterm_and_leave_nothing_behind(launch, full_engine, weights):
   from exo_node.model.loader import open_tokenizer
-  l = launch("--cpu-nodes", "3", "--restart", "on-failure", "--timeout", "300", "--cluster-secret", "s3cret")  # streams carry proofs
+  l = launch("--cpu-nodes", "3", "--timeout", "300", "--cluster-secret", "s3cret")  # streams carry proofs
   l.wait_for(r"ready: smollm2-135m on 3 nodes", 300)
   assert re.search(r"node-0\s+127\.0\.0\.1:\d+\s+CPU\s+[\d.]+ GiB\s+\[0, 10\)", l.output)
   assert re.search(r"\[node-2\] .*mDNS: peer node-0 joined", l.output)  # the children's lines, prefixed
@@ -152,13 +161,13 @@ def test_three_cpu_nodes_form_a_cluster_answer_restart_a_crash_and_leave_nothing
     with urllib.request.urlopen(r, timeout=300) as resp: return json.load(resp)["choices"][0]["text"]
   assert complete() == want
 
-  crashed = l.info(2).env  # node-2 is up; now it dies the hard way
-  os.kill(int(subprocess.run(["pgrep", "-f", "--", f"--node-id node-2 .*--cluster {l.cluster}"], capture_output=True, text=True).stdout.split()[0]), signal.SIGKILL)
-  l.wait_for(r"node-2 exited with code -9; log .*node-2\.log, last lines:\n    ", 30)
-  l.wait_for(r"restarting node-2 \(1/3\)", 10)
-  assert crashed["RANK"] == "2" and dict(l.info(2, timeout=120).env)["RANK"] == "2"
-  assert complete() == want
-
+  from test_failover import sse  # SIGTERM mid-stream: the nodes drain, the stream still completes
+  stream = sse(f"http://127.0.0.1:{l.api + 1}", {**req, "max_tokens": 12})
+  got = [next(stream)[1], next(stream)[1]]
+  l.popen.send_signal(signal.SIGTERM)
+  got += [e for _, e in stream]
+  assert got[-1]["choices"][0]["finish_reason"] == "length" and not [e for e in got if "error" in e]
+  assert "".join(e["choices"][0]["text"] for e in got if e.get("choices")).startswith(want)
   assert l.stop(signal.SIGTERM) == 0
   assert l.children() == [], "orphan processes left behind"
   assert (l.output.index("stopping every node") < l.output.index("stopped"))

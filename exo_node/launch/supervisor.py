@@ -4,7 +4,6 @@ from __future__ import annotations
 import collections, ctypes, json, os, shlex, signal, subprocess, sys, threading, time, urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from exo_node.launch.spec import NodeSpec
 
 HOST_BOUND = {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "PWD", "OLDPWD", "HOSTNAME", "TERM", "DISPLAY", "MAIL", "SHLVL",
@@ -88,6 +87,7 @@ class Supervisor:
   max_restarts: int = 3
   grace: float = 10.0
   stopping: threading.Event = field(default_factory=threading.Event)
+  gone: set[str] = field(default_factory=set)  # exited and not restarted
 
   def start(self) -> None:
     for c in self.children: c.start()
@@ -111,9 +111,7 @@ class Supervisor:
     """The cluster view once every node is up and planned; None on timeout, interrupt or a node that exited."""
     deadline = time.monotonic() + timeout
     while not self.stopping.is_set():
-      if dead := [c for c in self.children if c.popen.poll() is not None]:
-        for c in dead: self.report(c)
-        return None
+      if self._reap(): return None  # a node that exits during start-up and is not restarted: fail fast
       view = self.cluster_view()
       if not (missing := self.missing(view)): return view
       if time.monotonic() > deadline:
@@ -125,17 +123,20 @@ class Supervisor:
   def report(self, c: Child) -> None:
     say(f"{c.node_id} exited with code {c.popen.returncode}; log {c.log_path}, last lines:\n{c.tail()}")
 
-  def watch(self, on_change: Callable[[], None] = lambda: None) -> int:
-    """Until interrupted or every node is gone: report exits, restart failures when asked. The exit code."""
-    done: set[str] = set()
+  def _reap(self) -> set[str]:
+    """Reports nodes that exited and restarts them when the policy allows; the ids of those gone for good."""
+    for c in self.children:
+      if c.node_id in self.gone or c.popen.poll() is None: continue
+      self.report(c)
+      if self.restart == "on-failure" and c.popen.returncode != 0 and c.restarts < self.max_restarts:
+        c.restarts += 1; say(f"restarting {c.node_id} ({c.restarts}/{self.max_restarts})"); c.start()
+      else: self.gone.add(c.node_id)
+    return self.gone
+
+  def watch(self) -> int:
+    """Until interrupted (0) or every node is gone for good (1)."""
     while not self.stopping.wait(0.5):
-      for c in self.children:
-        if c.node_id in done or c.popen.poll() is None: continue
-        self.report(c)
-        if self.restart == "on-failure" and c.popen.returncode != 0 and c.restarts < self.max_restarts:
-          c.restarts += 1; say(f"restarting {c.node_id} ({c.restarts}/{self.max_restarts})"); c.start(); on_change()
-        else: done.add(c.node_id)
-      if len(done) == len(self.children):
+      if len(self._reap()) == len(self.children):
         say("every node has exited"); return 1
     return 0
 

@@ -5,6 +5,7 @@ import asyncio, logging
 from typing import AsyncIterator, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from exo_node.engine import EngineError, SessionLimitError
 from exo_node.errors import ExoError
 from exo_node.prompt import PromptError
 from exo_node.stage import Stage, StageError
@@ -71,12 +72,9 @@ class Servicer(pbg.ExoNodeServicer):
           if rid is not None and not returning: self.stage.close(rid, frame.end.reason)
           return
         else: raise StageError("empty frame")
-    except (StageError, FrameError) as e:
-      self._drop(rid, returning)
-      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     except ExoError as e:
       self._drop(rid, returning)
-      await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+      await context.abort(_status(e), str(e))
     finally:
       if rid is not None and not returning and rid in self.stage.requests: self.stage.close(rid, "stream ended")
 
@@ -93,7 +91,15 @@ class Servicer(pbg.ExoNodeServicer):
       if which != "tokens": raise StageError("the first shard takes token ids, not a hidden state")
       return decode_tokens(s.tokens.ids, m.cfg.vocab_size)
     if which != "hidden": raise StageError("this shard takes a hidden state, not token ids")
-    return decode_tensor(s.hidden, hidden_size=m.cfg.dim, max_elements=m.max_context * m.cfg.dim)
+    a = decode_tensor(s.hidden, hidden_size=m.cfg.dim, max_elements=m.max_context * m.cfg.dim)
+    if a.ndim != 2: raise StageError(f"a hidden state is (tokens, {m.cfg.dim}), not {list(a.shape)}")
+    return a
+
+
+def _status(e: ExoError) -> grpc.StatusCode:
+  if isinstance(e, SessionLimitError): return grpc.StatusCode.RESOURCE_EXHAUSTED
+  if isinstance(e, (StageError, FrameError, EngineError)): return grpc.StatusCode.INVALID_ARGUMENT
+  return grpc.StatusCode.FAILED_PRECONDITION  # e.g. this node cannot load the layers asked for
 
 
 async def start_server(servicer: Servicer, host: str, port: int, secret: str | None = None) -> tuple[grpc.aio.Server, health.HealthServicer]:
