@@ -56,7 +56,7 @@ class Node:
 
   def plan(self) -> Plan:
     """Over this node and every live peer; deterministic, so every node computes the same one."""
-    return partition([self.me(), *self.discovery.peers()], self.n_layers, layer_nbytes(self.weights, self.caps.device))
+    return partition([self.me(), *self.discovery.peers()], self.n_layers, layer_nbytes(self.weights))
 
   def info(self) -> pb.NodeInfo:
     m = self.engine.model

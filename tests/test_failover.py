@@ -49,7 +49,7 @@ def test_killing_the_middle_node_mid_stream_loses_nothing(tmp_path, full_engine,
 
 
 def test_when_the_survivors_cannot_hold_the_model_the_request_fails_fast_then_recovers(tmp_path, weights):
-  room = str(16 * layer_nbytes(weights, "CPU"))  # each node holds 16 of the 30 layers: one alone cannot serve
+  room = str(16 * layer_nbytes(weights))  # each node holds 16 of the 30 layers: one alone cannot serve
   body = {"model": "smollm2-135m", "prompt": PROMPT_IDS, "max_tokens": 32, "temperature": 0}
   with Cluster().start([free_port(), free_port()], tmp_path, memory=[int(room)] * 2, api_ports=[free_port(), 0]) as c:
     c.wait_ready()

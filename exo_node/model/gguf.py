@@ -115,14 +115,6 @@ class GGUFWeights:
     t = ggml_data_to_tensor(Tensor(self.file.raw(name), device=device), info.numel, info.ggml_type).reshape(info.shape)
     return self._fix_rows(name, t)
 
-  def load_affine(self, name: str, device: str) -> "Affine | None":
-    """The weight as block-affine uint8 when its GGUF type maps onto that exactly, else None."""
-    from tinygrad import Tensor
-    from exo_node.model.affine import Affine, ggml_affine, is_affine
-    info = self.file.tensors[name]
-    if not is_affine(info.ggml_type, info.shape): return None
-    return Affine(*(Tensor(p, device=device) for p in ggml_affine(self.file.raw(name), info.ggml_type, info.shape))).map_rows(lambda t: self._fix_rows(name, t))
-
   def _fix_rows(self, name: str, t: "Tensor") -> "Tensor":
     if self.config.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
       return _unpermute(t, self.config.n_heads if "attn_q" in name else self.config.n_kv_heads)

@@ -3,9 +3,9 @@ The first shard embeds tokens (on the host, one row per token); the last applies
 from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
-from tinygrad import Tensor, UOp
+from tinygrad import Tensor, UOp, dtypes
 from tinygrad.dtype import DType
-from exo_node.model.affine import Affine
+from exo_node.model import kernels
 from exo_node.model.config import ModelConfig
 
 
@@ -18,13 +18,13 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
 
-def linear(x: Tensor, w: Tensor | Affine) -> Tensor: return w.matmul_t(x) if isinstance(w, Affine) else x.matmul(w.T)
+def linear(x: Tensor, w: Tensor) -> Tensor: return kernels.matmul_t(x, w) if kernels.fits(x, w) else x.matmul(w.T)
 
 
 @dataclass
 class Block:
   cfg: ModelConfig
-  w: dict[str, Tensor | Affine]  # canonical names without the "blk.N." prefix
+  w: dict[str, Tensor]  # canonical names without the "blk.N." prefix
 
   def lin(self, name: str, x: Tensor) -> Tensor:
     y = linear(x, self.w[f"{name}.weight"])
@@ -53,13 +53,15 @@ class ShardModel:
   Output: the hidden state, or the last position's logits (B, vocab) on the last shard."""
 
   def __init__(self, cfg: ModelConfig, start: int, end: int, blocks: list[Block], embed: np.ndarray | None,
-               norm: Tensor | None, head: Tensor | Affine | None, max_context: int, kv_dtype: DType | None = None):
+               norm: Tensor | None, head: Tensor | None, max_context: int, kv_dtype: DType | None = None):
     self.cfg, self.start, self.end, self.blocks = cfg, start, end, blocks
     self.embed, self.norm, self.head = embed, norm, head
-    # the cache follows the weights unless told: fp16 beside fp16 weights; beside fp32 weights (CPU) fp16 K/V would
-    # cost ~1e-3 relative accuracy and clang's slow fp16 conversions
-    self.max_context, self.kv_dtype = max_context, kv_dtype or (blocks[0].w["attn_k.weight"] if blocks else head).dtype
     self.device = (blocks[0].w["attn_norm.weight"] if blocks else head).device
+    # the cache follows the weights unless told, except on the CPU: attention there runs on tinygrad's own kernels,
+    # and fp16 K/V would cost clang's scalar fp16 conversions on every step
+    self.max_context = max_context
+    self.kv_dtype = kv_dtype or (dtypes.float32 if self.device.split(":")[0] == "CPU" else
+                                 (blocks[0].w["attn_k.weight"] if blocks else head).dtype)
     angles = np.outer(np.arange(2 * max_context, dtype=np.float32), cfg.inv_freq())
     self.cos, self.sin = (Tensor(f, device=self.device).realize()
                           for f in (np.cos(angles), np.sin(angles)))

@@ -5,7 +5,6 @@ from pathlib import Path
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 from exo_node.errors import ModelError
-from exo_node.model.affine import Affine
 from exo_node.model.gguf import GGUFWeights
 from exo_node.model.llama import Block, ShardModel
 from exo_node.model.registry import resolve
@@ -15,6 +14,7 @@ log = logging.getLogger(__name__)
 BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 OPTIONAL_TENSORS = ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_q_norm.weight", "attn_k_norm.weight")
 Weights = GGUFWeights | SafetensorsWeights
+WDTYPE = dtypes.half  # on every backend: decode streams the weights, and on the CPU kernels.matmul_t widens them in registers
 
 
 def open_weights(model: str | Path) -> Weights:
@@ -28,12 +28,10 @@ def load_shard(model: str | Path | Weights, start: int, end: int, device: str | 
   cfg = w.config
   if not 0 <= start < end <= cfg.n_layers: raise ModelError(f"bad layer range [{start}, {end}) for a {cfg.n_layers}-layer model")
   dev = device or Tensor.empty(1).device
-  wdtype = wdtype or default_wdtype(dev)
+  wdtype = wdtype or WDTYPE
 
-  def get(name: str, dtype: DType = wdtype) -> Tensor | Affine:
+  def get(name: str, dtype: DType = wdtype) -> Tensor:
     if not w.has(name): raise ModelError(f"missing tensor {name}")
-    if dtype == dtypes.float32 and isinstance(w, GGUFWeights) and (a := w.load_affine(name, dev)) is not None:
-      return a.map_rows(lambda t: t.realize())
     return w.load(name, dev).cast(dtype).contiguous().realize()
 
   t0, blocks = time.monotonic(), []
@@ -55,12 +53,7 @@ def open_tokenizer(w: Weights):
   return Tokenizer.from_hf_folder(w.folder) if isinstance(w, SafetensorsWeights) else Tokenizer.from_gguf_meta(w.file.meta)
 
 
-def default_wdtype(device: str) -> DType:
-  """fp32 on CPU (clang's fp16 conversions are slow there), fp16 on accelerators."""
-  return dtypes.float32 if device.split(":")[0] in ("CPU", "CLANG", "LLVM") else dtypes.half
-
-
-def layer_nbytes(w: Weights, device: str) -> int:
+def layer_nbytes(w: Weights) -> int:
   c = w.config
   params = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim + 3 * c.dim * c.ffn_dim
-  return params * default_wdtype(device).itemsize
+  return params * WDTYPE.itemsize
