@@ -6,6 +6,7 @@ import argparse, json, statistics, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from exo_node.local_cluster import Cluster, Proc
+from chart import write_chart
 
 
 def free_ports(n: int) -> list[int]:
@@ -36,6 +37,7 @@ def measure(nodes: int, args, log_dir: Path) -> list[dict]:
     runs = [one_stream(coord, short, args.tokens) for _ in range(args.runs)]
     pre = [one_stream(coord, long_prompt, 1)["ttft_s"] for _ in range(args.runs)]
     rows.append({"mode": "single" if nodes == 1 else "pipeline", "nodes": nodes, "model": args.model, "concurrency": 1,
+                 "device": coord.info().device,
                  "decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in runs), 2),
                  "prefill_tok_s": round(args.prefill_tokens / statistics.median(pre), 1),
                  "ttft_ms": round(1000 * statistics.median(r["ttft_s"] for r in runs), 1),
@@ -62,6 +64,7 @@ def main() -> None:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--concurrency", type=int, default=1)
   p.add_argument("--beam", type=int, default=0)
+  p.add_argument("--out", type=Path, default=Path("bench-results"), help="bench.jsonl and bench.png go here")
   args = p.parse_args()
   counts = [int(x) for x in args.nodes.split(",")]
   rows: list[dict] = []
@@ -77,7 +80,11 @@ def main() -> None:
       summary[f"hop_ms_{r['nodes']}"] = round(1000 * (1 / r["decode_tok_s"] - 1 / single["decode_tok_s"]) / r["nodes"], 3)
     if r["mode"] == "concurrent": summary[f"concurrent_{r['concurrency']}_vs_one_{r['nodes']}"] = r["aggregate_vs_one_stream"]
   for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms"): summary[k] = single[k] if single else None
+  summary["device"] = rows[0]["device"]
   print(json.dumps(summary), flush=True)
+  args.out.mkdir(parents=True, exist_ok=True)
+  (args.out / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [summary]))
+  print(f"wrote {args.out / 'bench.jsonl'} and {write_chart(rows, summary, args.out / 'bench.png')}", file=sys.stderr)
 
 
 if __name__ == "__main__": sys.exit(main())
