@@ -1,5 +1,6 @@
 """The engine owns tinygrad: one worker thread runs every model call (tinygrad is not thread-safe), with a
-KV cache per request, TinyJit for decode and fixed-size chunked prefill, and a cap on sessions."""
+KV cache per request, TinyJit for fixed-size chunked prefill and for decode steps batched across requests, and a
+cap on sessions."""
 from __future__ import annotations
 import logging, threading
 from collections import OrderedDict
@@ -9,7 +10,7 @@ from typing import Callable, TypeVar
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp
 from exo_node.errors import ExoError
-from exo_node.model.llama import ShardModel
+from exo_node.model.llama import Row, ShardModel
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -32,11 +33,21 @@ class Session:
   pos: int = 0
 
 
+@dataclass(eq=False)
+class Decode:
+  request_id: str
+  start_pos: int
+  data: np.ndarray  # one token id, or one hidden-state row
+  result: Future
+
+
 class Engine:
-  def __init__(self, load: Callable[[], ShardModel] | None = None, max_sessions: int = 16, chunk: int = 16):
-    self.max_sessions, self.chunk = max_sessions, chunk
+  def __init__(self, load: Callable[[], ShardModel] | None = None, max_sessions: int = 16, chunk: int = 16,
+               max_batch: int = 8):
+    self.max_sessions, self.chunk, self.max_batch = max_sessions, chunk, max_batch
     self.model: ShardModel | None = None
     self.sessions: OrderedDict[str, Session] = OrderedDict()
+    self._decodes: list[Decode] = []  # single-token steps waiting to share the next forward pass
     self._lock = threading.Lock()
     if load is not None: self.load(load).result()
 
@@ -47,25 +58,41 @@ class Engine:
       self.model = None
       with self._lock: self.sessions.clear()
       model = load()
-      self._decode, self._prefill = TinyJit(self._step), TinyJit(self._step)
-      # capture on the first call: weights and inputs are realized up front, so TinyJit's eager warm-up call would
-      # only repeat the scheduling (~7 s for 30 blocks on a 2-core CPU) before the capture does it again
-      self._decode.cnt = self._prefill.cnt = 1
-      self._vpos, self._vn = UOp.variable("start_pos", 0, model.max_context - 1), UOp.variable("n", 1, self.chunk)
+      self._jits: dict[tuple[str, int], TinyJit] = {}
+      self._vpos = [UOp.variable(f"start_pos{b}", 0, model.max_context - 1) for b in range(self.max_batch)]
+      self._vn = UOp.variable("n", 1, self.chunk)
       self.model = model
       return model
     return self.submit(swap)
 
-  def _step(self, x: Tensor, start_pos: UOp, n: UOp | int, *kv: Tensor) -> Tensor:
-    return self.model(x, list(kv), start_pos, n).realize()
+  def _jit(self, kind: str, batch: int) -> TinyJit:
+    """One capture per (prefill|decode, batch size). It captures on its first call: weights and inputs are realized
+    up front, so TinyJit's eager warm-up call would only repeat the scheduling (~7 s for 30 blocks on a 2-core CPU)."""
+    if (jit := self._jits.get((kind, batch))) is None:
+      jit = self._jits[(kind, batch)] = TinyJit(self._step)
+      jit.cnt = 1
+    return jit
+
+  def _step(self, x: Tensor, n: UOp | int, *rest: UOp | Tensor) -> Tensor:
+    """rest: the B rows' bound start positions, then their KV buffers (B x blocks); TinyJit only binds variables
+    passed as top-level arguments."""
+    B = x.shape[0]
+    kv, per = rest[B:], len(rest[B:]) // B
+    return self.model(x, [Row(list(kv[b * per:(b + 1) * per]), rest[b]) for b in range(B)], n).realize()
 
   def submit(self, fn: Callable[[], R]) -> Future[R]:
     return _TINYGRAD.submit(fn)
 
   def forward(self, request_id: str, start_pos: int, data: np.ndarray) -> Future[np.ndarray]:
     """data: token ids (T,) on the first shard, else a hidden state (T, dim). Returns the hidden state (T, dim)
-    or, on the last shard, the last position's logits (vocab,)."""
-    return self.submit(lambda: self._forward(request_id, start_pos, data))
+    or, on the last shard, the last position's logits (vocab,). Single-token steps of different requests that
+    wait at the same time run as one batch: the weights stream once for all of them."""
+    if len(data) != 1: return self.submit(lambda: self._prefill(request_id, start_pos, data))
+    step = Decode(request_id, start_pos, data, Future())
+    with self._lock:
+      self._decodes.append(step)
+      if len(self._decodes) == 1: self.submit(self._drain)
+    return step.result
 
   def free(self, request_id: str) -> None:
     with self._lock: self.sessions.pop(request_id, None)
@@ -73,33 +100,58 @@ class Engine:
   @property
   def n_sessions(self) -> int: return len(self.sessions)
 
-  def _session(self, request_id: str, start_pos: int) -> Session:
+  def _session(self, request_id: str, start_pos: int, T: int) -> Session:
+    m = self.model
+    if m is None: raise EngineError("no model loaded")
+    if T == 0: raise EngineError("empty input")
+    if start_pos + T > m.max_context: raise EngineError(f"context overflow: {start_pos + T} tokens > max context {m.max_context}")
     with self._lock:
       s = self.sessions.get(request_id)
       if s is None:
         if start_pos != 0: raise EngineError(f"unknown session {request_id!r} at position {start_pos}")
         if len(self.sessions) >= self.max_sessions:  # refused, never evicted: an evicted session is a broken request
           raise SessionLimitError(f"this node holds its limit of {self.max_sessions} KV sessions (--max-sessions)")
-        s = self.sessions[request_id] = Session(self.model.new_cache(pad=self.chunk))
+        s = self.sessions[request_id] = Session(m.new_cache(pad=self.chunk))
       self.sessions.move_to_end(request_id)
-      return s
-
-  def _forward(self, request_id: str, start_pos: int, data: np.ndarray) -> np.ndarray:
-    m, T = self.model, len(data)
-    if m is None: raise EngineError("no model loaded")
-    if T == 0: raise EngineError("empty input")
-    if start_pos + T > m.max_context: raise EngineError(f"context overflow: {start_pos + T} tokens > max context {m.max_context}")
-    s = self._session(request_id, start_pos)
     if start_pos != s.pos: raise EngineError(f"position {start_pos} out of order for {request_id!r} (expected {s.pos})")
-    x = m.embed_tokens(data) if m.is_first else data.astype(np.float32, copy=False)
-    outs = []
-    for i in range(0, T, self.chunk if T > 1 else 1):
-      part = x[i:i + self.chunk] if T > 1 else x
-      pos = self._vpos.bind(start_pos + i)
-      if T == 1: out = self._decode(Tensor(part[None]), pos, 1, *s.kv)
-      else:
-        padded = np.zeros((self.chunk, x.shape[1]), np.float32); padded[:len(part)] = part
-        out = self._prefill(Tensor(padded[None]), pos, self._vn.bind(len(part)), *s.kv)
+    return s
+
+  def _input(self, data: np.ndarray) -> np.ndarray:
+    return self.model.embed_tokens(data) if self.model.is_first else data.astype(np.float32, copy=False)
+
+  def _prefill(self, request_id: str, start_pos: int, data: np.ndarray) -> np.ndarray:
+    m, T = self.model, len(data)
+    s = self._session(request_id, start_pos, T)
+    x, outs = self._input(data), []
+    for i in range(0, T, self.chunk):
+      part = x[i:i + self.chunk]
+      padded = np.zeros((self.chunk, x.shape[1]), np.float32); padded[:len(part)] = part
+      out = self._jit("prefill", 1)(Tensor(padded[None]), self._vn.bind(len(part)), self._vpos[0].bind(start_pos + i), *s.kv)
       outs.append(out.numpy()[0] if m.is_last else out.numpy()[0, :len(part)])
     s.pos = start_pos + T
     return outs[-1] if m.is_last else np.concatenate(outs)
+
+  def _drain(self) -> None:
+    """Takes the waiting single-token steps of distinct requests, a power of two of them (one capture per size)."""
+    with self._lock:
+      batch: list[Decode] = []
+      for d in self._decodes:
+        if len(batch) < self.max_batch and all(b.request_id != d.request_id for b in batch): batch.append(d)
+      del batch[1 << (len(batch).bit_length() - 1):]
+      self._decodes = [d for d in self._decodes if d not in batch]
+      if self._decodes: self.submit(self._drain)
+    admitted = []
+    for d in batch:
+      try: admitted.append((d, self._session(d.request_id, d.start_pos, 1)))
+      except Exception as e: d.result.set_exception(e)
+    if not admitted: return
+    try:
+      x = np.stack([self._input(d.data) for d, _ in admitted])
+      positions = [self._vpos[b].bind(d.start_pos) for b, (d, _) in enumerate(admitted)]
+      out = self._jit("decode", len(admitted))(Tensor(x), 1, *positions, *(t for _, s in admitted for t in s.kv)).numpy()
+    except Exception as e:
+      for d, _ in admitted: d.result.set_exception(e)
+      return
+    for b, (d, s) in enumerate(admitted):
+      s.pos = d.start_pos + 1
+      d.result.set_result(out[b])

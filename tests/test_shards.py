@@ -1,4 +1,5 @@
-"""Shards compose, and a shard reads and holds only its own layers."""
+"""Shards compose, a shard reads and holds only its own layers, and concurrent decode steps batch."""
+import threading
 import numpy as np
 from conftest import PROMPT_IDS, greedy
 from exo_node.engine import Engine
@@ -34,3 +35,24 @@ def test_a_third_of_the_blocks_reads_and_holds_a_third_of_the_block_bytes(gguf_p
   assert abs(read / block_bytes - 1 / 3) < 0.01
   assert abs(held(e.model) / held(full_engine.model) - 1 / 3) < 0.01
   assert e.model.embed is None and e.model.head is None and embd > 0
+
+
+def test_concurrent_decode_steps_share_one_pass_and_match_one_at_a_time(full_engine):
+  """Four requests at different positions decode as one batch of 4 (then 2, then 1 as they finish), and every
+  request gets the tokens it gets alone."""
+  prompts = [PROMPT_IDS, PROMPT_IDS[:3], [504, 3575], PROMPT_IDS[1:]]
+  alone = [greedy(full_engine, f"alone{i}", p, 4)[0] for i, p in enumerate(prompts)]
+  logits = {f"b{i}": full_engine.forward(f"b{i}", 0, np.array(p)).result() for i, p in enumerate(prompts)}
+  pos, toks = {r: len(p) for r, p in zip(logits, prompts)}, {r: [] for r in logits}
+  for _ in range(3):
+    gate = threading.Event()
+    full_engine.submit(gate.wait)  # hold the engine thread so that every step below waits in one queue
+    futures = {}
+    for r, lg in logits.items():
+      toks[r].append(int(np.argmax(lg)))
+      futures[r] = full_engine.forward(r, pos[r], np.array(toks[r][-1:])); pos[r] += 1
+    gate.set()
+    logits = {r: f.result() for r, f in futures.items()}
+  for r, lg in logits.items(): toks[r].append(int(np.argmax(lg))); full_engine.free(r)
+  assert [toks[f"b{i}"] for i in range(4)] == alone
+  assert ("decode", 4) in full_engine._jits

@@ -22,15 +22,26 @@ def linear(x: Tensor, w: Tensor) -> Tensor: return kernels.matmul_t(x, w) if ker
 
 
 @dataclass
+class Row:
+  """One request's rows in a step: its KV cache (one buffer per block of the shard) and where they start."""
+  kv: list[Tensor]
+  start_pos: int | UOp
+  cos: Tensor | None = None
+  sin: Tensor | None = None
+
+
+@dataclass
 class Block:
   cfg: ModelConfig
+  index: int  # within the shard: which of a request's KV buffers is this block's
   w: dict[str, Tensor]  # canonical names without the "blk.N." prefix
 
   def lin(self, name: str, x: Tensor) -> Tensor:
     y = linear(x, self.w[f"{name}.weight"])
     return y + self.w[f"{name}.bias"] if f"{name}.bias" in self.w else y
 
-  def __call__(self, x: Tensor, kv: Tensor, cos: Tensor, sin: Tensor, start_pos: int | UOp) -> Tensor:
+  def __call__(self, x: Tensor, rows: list[Row]) -> Tensor:
+    """x: (B, T, dim), row b belonging to rows[b]'s request; the projections run once for all rows."""
     c, (B, T, _) = self.cfg, x.shape
     h = rms_norm(x, self.w["attn_norm.weight"], c.norm_eps)
     q = self.lin("attn_q", h).reshape(B, T, c.n_heads, c.head_dim)
@@ -38,14 +49,20 @@ class Block:
     v = self.lin("attn_v", h).reshape(B, T, c.n_kv_heads, c.head_dim)
     if "attn_q_norm.weight" in self.w:
       q, k = rms_norm(q, self.w["attn_q_norm.weight"], c.norm_eps), rms_norm(k, self.w["attn_k_norm.weight"], c.norm_eps)
-    q, k, v = rope(q.transpose(1, 2), cos, sin), rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
-    kv[:, :, :, start_pos:start_pos + T, :].assign(Tensor.stack(k, v).cast(kv.dtype)).realize()
-    keys, values = kv[0, :, :, 0:start_pos + T, :].cast(x.dtype), kv[1, :, :, 0:start_pos + T, :].cast(x.dtype)
-    mask = Tensor.full((1, 1, T, start_pos + T), float("-inf"), dtype=x.dtype).triu(start_pos + 1) if T > 1 else None
-    attn = q.scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True).transpose(1, 2).reshape(B, T, -1)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    parts = [self.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], r) for b, r in enumerate(rows)]
+    attn = (parts[0] if B == 1 else parts[0].cat(*parts[1:])).transpose(1, 2).reshape(B, T, -1)
     x = x + self.lin("attn_output", attn)
     h = rms_norm(x, self.w["ffn_norm.weight"], c.norm_eps)
     return (x + self.lin("ffn_down", self.lin("ffn_gate", h).silu() * self.lin("ffn_up", h))).contiguous()
+
+  def attend(self, q: Tensor, k: Tensor, v: Tensor, r: Row) -> Tensor:
+    T, p = q.shape[2], r.start_pos
+    q, k = rope(q, r.cos, r.sin), rope(k, r.cos, r.sin)
+    r.kv[self.index][:, :, :, p:p + T, :].assign(Tensor.stack(k, v).cast(r.kv[self.index].dtype)).realize()
+    keys, values = (r.kv[self.index][i, :, :, 0:p + T, :].cast(q.dtype) for i in (0, 1))
+    mask = Tensor.full((1, 1, T, p + T), float("-inf"), dtype=q.dtype).triu(p + 1) if T > 1 else None
+    return q.scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True)
 
 
 class ShardModel:
@@ -80,10 +97,11 @@ class ShardModel:
   def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
     return self.embed[ids]
 
-  def __call__(self, x: Tensor, kv: list[Tensor], start_pos: int | UOp, n: int | UOp) -> Tensor:
-    """x holds n real positions (the rest is padding, written to the cache past them and overwritten later)."""
+  def __call__(self, x: Tensor, rows: list[Row], n: int | UOp = 1) -> Tensor:
+    """x: (B, T, dim) with row b for rows[b]; it holds n real positions (the rest is padding, written to the cache
+    past them and overwritten later). Returns the hidden state, or each row's logits at position n-1 (B, vocab)."""
     T = x.shape[1]
-    cos, sin = (f[start_pos:start_pos + T].reshape(1, 1, T, -1) for f in (self.cos, self.sin))
-    for i, blk in enumerate(self.blocks): x = blk(x, kv[i], cos, sin, start_pos)
+    for r in rows: r.cos, r.sin = (f[r.start_pos:r.start_pos + T].reshape(1, 1, T, -1) for f in (self.cos, self.sin))
+    for blk in self.blocks: x = blk(x, rows)
     if not self.is_last: return x
     return linear(rms_norm(x[:, n - 1, :], self.norm, self.cfg.norm_eps), self.head)
