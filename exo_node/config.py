@@ -25,6 +25,7 @@ class NodeConfig:
   api_key: str | None = None
   max_context: int = 4096
   max_sessions: int = 16
+  max_batch: int = 4
   drain_timeout: float = 10.0
   beam: int = 0
   # one-shot generation

@@ -43,7 +43,7 @@ class Decode:
 
 class Engine:
   def __init__(self, load: Callable[[], ShardModel] | None = None, max_sessions: int = 16, chunk: int = 16,
-               max_batch: int = 8):
+               max_batch: int = 4):
     self.max_sessions, self.chunk, self.max_batch = max_sessions, chunk, max_batch
     self.model: ShardModel | None = None
     self.sessions: OrderedDict[str, Session] = OrderedDict()
@@ -69,6 +69,7 @@ class Engine:
     """One capture per (prefill|decode, batch size). It captures on its first call: weights and inputs are realized
     up front, so TinyJit's eager warm-up call would only repeat the scheduling (~7 s for 30 blocks on a 2-core CPU)."""
     if (jit := self._jits.get((kind, batch))) is None:
+      log.info("capturing the %s step for %d request(s): once per size, seconds on a CPU", kind, batch)
       jit = self._jits[(kind, batch)] = TinyJit(self._step)
       jit.cnt = 1
     return jit

@@ -43,9 +43,11 @@ def measure(nodes: int, args, log_dir: Path) -> list[dict]:
                  "ttft_ms": round(1000 * statistics.median(r["ttft_s"] for r in runs), 1),
                  "peak_rss_mb": round(max(p.peak_rss() for p in c.procs) / 2**20, 1)})
     if args.concurrency > 1:
-      t0 = time.monotonic()
       with ThreadPoolExecutor(args.concurrency) as pool:
-        res = list(pool.map(lambda i: one_stream(c.procs[i % nodes], short, args.tokens), range(args.concurrency)))
+        streams = lambda n: list(pool.map(lambda i: one_stream(c.procs[i % nodes], short, n), range(args.concurrency)))
+        streams(args.tokens)  # warm-up: the first step of each decode batch size captures its JIT
+        t0 = time.monotonic()
+        res = streams(args.tokens)
       agg = sum(r["tokens"] for r in res) / (time.monotonic() - t0)
       single = args.tokens / statistics.median(r["wall_s"] for r in runs)
       rows.append({"mode": "concurrent", "nodes": nodes, "model": args.model, "concurrency": args.concurrency,
