@@ -48,6 +48,30 @@ def free_port() -> int:
     s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
+def spawn(log_dir: Path, *args: str, node_id: str = "", env: dict | None = None):
+  """One real exo-node serving on 127.0.0.1 in its own process group, its output in a log file."""
+  from exo_node.local_cluster import Proc
+  port = free_port()
+  log = log_dir / f"{node_id or 'node'}-{port}.log"
+  argv = [sys.executable, "-m", "exo_node", "--node-port", str(port), "--host", "127.0.0.1",
+          *(("--node-id", node_id) if node_id else ()), *args]
+  popen = subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                           start_new_session=True)
+  return Proc(node_id, port, popen, log)
+
+
+def wait_until(cond, timeout: float = 60, what: str = "the condition"):
+  """cond's first truthy value; a call to a node that is not up yet counts as not yet."""
+  import grpc
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    try:
+      if r := cond(): return r
+    except (grpc.RpcError, OSError): pass
+    time.sleep(0.1)
+  raise TimeoutError(f"waited {timeout:.0f}s for {what}")
+
+
 def exo_node(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", "exo_node", *args], capture_output=True, text=True, timeout=timeout, **kw)
 

@@ -1,7 +1,7 @@
 """The OpenAI-compatible API on a real 2-node cluster, through the official client and raw HTTP."""
 import json, time, urllib.error, urllib.request
 import pytest
-from conftest import PROMPT_IDS, exo_node, free_port, greedy
+from conftest import free_port, greedy
 from exo_node.local_cluster import Cluster
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]

@@ -1,34 +1,23 @@
 """Device binding: one process per GPU via CUDA_VISIBLE_DEVICES, set before tinygrad loads, and read back."""
-import os, signal, socket, subprocess, sys, time
-import grpc
+import os, signal, socket
 import pytest
-from conftest import exo_node, free_port
+from conftest import exo_node, spawn, wait_until
 from exo_node.local_cluster import Proc
 
 
-def serve(tmp_path, *args: str, env: dict | None = None) -> Proc:
-  port = free_port()
-  log = tmp_path / f"{port}.log"
-  popen = subprocess.Popen([sys.executable, "-m", "exo_node", "--node-port", str(port), "--api-port", "0", "--discovery", "none",
-                            "--max-context", "64", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                           env={**os.environ, **(env or {})}, start_new_session=True)
-  return Proc("", port, popen, log)
-
-
-def info_when_up(p: Proc, timeout: float = 120):
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
+def info_when_up(p: Proc):
+  def up():
     assert p.popen.poll() is None, p.log.read_text()[-2000:]
-    try: return p.info()
-    except grpc.RpcError: time.sleep(0.2)
-  raise TimeoutError(p.log.read_text()[-2000:])
+    return p.info()
+  return wait_until(up, 120, f"the node on port {p.port}")
 
 
 @pytest.fixture
 def node(tmp_path):
   procs = []
   def start(*args, env=None):
-    procs.append(p := serve(tmp_path, *args, env=env)); return info_when_up(p), p
+    procs.append(p := spawn(tmp_path, "--api-port", "0", "--discovery", "none", "--max-context", "64", *args, env=env))
+    return info_when_up(p), p
   yield start
   for p in procs:
     os.killpg(p.popen.pid, signal.SIGTERM); p.popen.wait(15)

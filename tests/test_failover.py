@@ -1,7 +1,6 @@
 """A node dies mid-generation (kill -9): the coordinator re-plans over the survivors and replays the prefix, or,
 when they cannot hold the model, fails fast and cleanly. Real processes on 127.0.0.1, real HTTP streams."""
 import json, os, signal, time, urllib.error, urllib.request
-import pytest
 from conftest import PROMPT_IDS, free_port, greedy
 from exo_node.local_cluster import Cluster
 from exo_node.model.loader import layer_nbytes, open_tokenizer

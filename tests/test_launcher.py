@@ -6,7 +6,7 @@ import grpc
 import pytest
 from conftest import PROMPT_IDS, free_port, greedy
 from exo_node.launch.env import inherited, is_secret, masked
-from exo_node.launch.spec import Host, assign, parse_hosts, world_env
+from exo_node.launch.spec import assign, parse_hosts, world_env
 from exo_node.errors import ExoError
 from exo_node.transport.auth import HEADER, proof
 from exo_node.transport.pb import exo_node_pb2 as pb, exo_node_pb2_grpc as pbg

@@ -1,40 +1,21 @@
 """mDNS discovery on the loopback interface: real exo-node processes find each other with no peer list."""
-import os, signal, subprocess, sys, time
-import grpc
+import os, signal, time
 import pytest
-from conftest import PROMPT_IDS, free_port, greedy
+from conftest import PROMPT_IDS, greedy, spawn, wait_until
+from exo_node.launch.supervisor import terminate
 from exo_node.local_cluster import Proc
 
 
-def start(tmp_path, node_id: str, cluster: str = "t", extra: tuple[str, ...] = ()) -> Proc:
-  port = free_port()
-  log = tmp_path / f"{node_id}-{port}.log"
-  args = ["--node-id", node_id, "--node-port", str(port), "--api-port", "0", "--discovery", "mdns", "--cluster", cluster,
-          "--mdns-interface", "127.0.0.1", "--max-context", "512", *extra]
-  popen = subprocess.Popen([sys.executable, "-m", "exo_node", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-  return Proc(node_id, port, popen, log)
+def start(tmp_path, node_id: str, cluster: str = "t") -> Proc:
+  return spawn(tmp_path, "--api-port", "0", "--discovery", "mdns", "--cluster", cluster, "--mdns-interface", "127.0.0.1",
+               "--max-context", "512", node_id=node_id)
 
 
-def stop(*procs: Proc, sig=signal.SIGTERM) -> None:
-  for p in procs:
-    if p.popen.poll() is None: os.killpg(p.popen.pid, sig)
-  for p in procs:
-    try: p.popen.wait(15)
-    except subprocess.TimeoutExpired: os.killpg(p.popen.pid, signal.SIGKILL); p.popen.wait()
+def stop(*procs: Proc) -> None: terminate([p.popen for p in procs], grace=15)
 
 
 def peers_of(p: Proc) -> set[str]:
   return set(p.info().peers)
-
-
-def wait_until(cond, timeout: float, what: str):
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    try:
-      if cond(): return
-    except grpc.RpcError: pass
-    time.sleep(0.1)
-  raise TimeoutError(what)
 
 
 @pytest.fixture(scope="module")

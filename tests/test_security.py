@@ -1,13 +1,13 @@
 """The cluster secret (an HMAC proof on every gRPC call, replay-protected) and the API's bearer key, against real
 exo-node processes on 127.0.0.1."""
-import json, signal, subprocess, sys, time, urllib.error, urllib.request
+import json, signal, time, urllib.error, urllib.request
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from conftest import free_port
+from conftest import free_port, spawn, wait_until
 from exo_node.local_cluster import Proc
 from exo_node.transport.auth import HEADER, Verifier, proof
-from exo_node.transport.pb import exo_node_pb2 as pb, exo_node_pb2_grpc as pbg
+from exo_node.transport.pb import exo_node_pb2 as pb
 
 INFO = "/exo_node.v1.ExoNode/Info"
 
@@ -24,27 +24,10 @@ def test_a_proof_is_good_once_for_its_method_and_secret():
   assert "s3cret" not in good
 
 
-def serve(tmp_path, node_id: str, *args: str) -> Proc:
-  port = free_port()
-  log = tmp_path / f"{node_id}.log"
-  argv = [sys.executable, "-m", "exo_node", "--node-id", node_id, "--node-port", str(port), "--host", "127.0.0.1", *args]
-  return Proc(node_id, port, subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True), log)
-
-
-def until(cond, timeout: float = 60):
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    try:
-      if r := cond(): return r
-    except (grpc.RpcError, OSError): pass
-    time.sleep(0.2)
-  raise TimeoutError
-
-
 @pytest.fixture
 def nodes(tmp_path):
   procs: list[Proc] = []
-  def start(*a, **kw) -> Proc: procs.append(serve(tmp_path, *a, **kw)); return procs[-1]
+  def start(node_id: str, *args: str) -> Proc: procs.append(spawn(tmp_path, *args, node_id=node_id)); return procs[-1]
   yield start
   for p in procs: p.popen.send_signal(signal.SIGKILL); p.popen.wait()
 
@@ -52,7 +35,7 @@ def nodes(tmp_path):
 def test_calls_without_a_valid_proof_are_unauthenticated(nodes):
   p = nodes("locked", "--discovery", "none", "--api-port", "0", "--cluster-secret", "s3cret")
   stub = p.stub()
-  info = until(lambda: stub.Info(pb.InfoRequest(), timeout=2, metadata=[(HEADER, proof("s3cret", INFO))]))
+  info = wait_until(lambda: stub.Info(pb.InfoRequest(), timeout=2, metadata=[(HEADER, proof("s3cret", INFO))]))
   assert info.node_id == "locked"
   replay = proof("s3cret", INFO)
   stub.Info(pb.InfoRequest(), timeout=2, metadata=[(HEADER, replay)])
@@ -69,16 +52,15 @@ def test_calls_without_a_valid_proof_are_unauthenticated(nodes):
 
 
 def test_a_node_with_the_wrong_secret_never_joins(nodes):
-  a_port, b_port = free_port(), free_port()
   common = ["--api-port", "0", "--cluster", "sec", "--discovery", "mdns", "--mdns-interface", "127.0.0.1"]
   a = nodes("a", *common, "--cluster-secret", "right")
   b = nodes("b", *common, "--cluster-secret", "right")
   c = nodes("c", *common, "--cluster-secret", "wrong")
   ask = lambda p, s: p.stub().Info(pb.InfoRequest(), timeout=2, metadata=[(HEADER, proof(s, INFO))])
-  until(lambda: list(ask(a, "right").peers) == ["b"] and list(ask(b, "right").peers) == ["a"])
+  wait_until(lambda: list(ask(a, "right").peers) == ["b"] and list(ask(b, "right").peers) == ["a"])
   time.sleep(2)  # c has had its chance: mDNS found it within this time on loopback
   assert list(ask(a, "right").peers) == ["b"] and list(ask(b, "right").peers) == ["a"] and list(ask(c, "wrong").peers) == []
-  assert until(lambda: "not admitted: UNAUTHENTICATED: wrong cluster proof" in c.log.read_text())
+  assert wait_until(lambda: "not admitted: UNAUTHENTICATED: wrong cluster proof" in c.log.read_text())
   assert "right" not in c.log.read_text() and "wrong cluster proof" in a.log.read_text()
 
 
@@ -91,7 +73,7 @@ def test_the_api_key_guards_the_api_but_not_the_page_or_health(nodes):
     try:
       with urllib.request.urlopen(req, timeout=5) as r: return r.status, r.read()
     except urllib.error.HTTPError as e: return e.code, e.read()
-  until(lambda: get("/")[0] == 200)
+  wait_until(lambda: get("/")[0] == 200)
   for key in (None, "nope"):
     status, body = get("/v1/models", key)
     assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"

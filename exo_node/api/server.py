@@ -4,7 +4,7 @@ from __future__ import annotations
 import hmac, json, logging
 from contextlib import aclosing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 from aiohttp import web
 from exo_node.api.metrics import Metrics
 from exo_node.api.openai import APIError, CompletionRequest, chunk, full, parse, usage

@@ -1,6 +1,6 @@
 """Which nodes run where: hosts, GPUs, ranks and ports, decided once before anything starts."""
 from __future__ import annotations
-import ctypes, os, re, shutil, socket, subprocess
+import ctypes, re, shutil, socket, subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from exo_node.errors import ExoError

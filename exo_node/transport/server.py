@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio, logging
 from typing import AsyncIterator, Callable
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from exo_node.engine import EngineError, SessionLimitError
 from exo_node.errors import ExoError
 from exo_node.prompt import PromptError
