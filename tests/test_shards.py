@@ -38,8 +38,8 @@ def test_a_third_of_the_blocks_reads_and_holds_a_third_of_the_block_bytes(gguf_p
 
 
 def test_concurrent_decode_steps_share_one_pass_and_match_one_at_a_time(full_engine):
-  """Four requests at different positions decode as one batch of 4 (then 2, then 1 as they finish), and every
-  request gets the tokens it gets alone."""
+  """Four requests at different positions decode three steps as one batch of 4, and every request gets the tokens
+  it gets alone."""
   prompts = [PROMPT_IDS, PROMPT_IDS[:3], [504, 3575], PROMPT_IDS[1:]]
   alone = [greedy(full_engine, f"alone{i}", p, 4)[0] for i, p in enumerate(prompts)]
   logits = {f"b{i}": full_engine.forward(f"b{i}", 0, np.array(p)).result() for i, p in enumerate(prompts)}
