@@ -3,7 +3,6 @@ KV cache per request, TinyJit for fixed-size chunked prefill and for decode step
 cap on sessions."""
 from __future__ import annotations
 import logging, threading
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -46,7 +45,7 @@ class Engine:
                max_batch: int = 4):
     self.max_sessions, self.chunk, self.max_batch = max_sessions, chunk, max_batch
     self.model: ShardModel | None = None
-    self.sessions: OrderedDict[str, Session] = OrderedDict()
+    self.sessions: dict[str, Session] = {}
     self._decodes: list[Decode] = []  # single-token steps waiting to share the next forward pass
     self._lock = threading.Lock()
     if load is not None: self.load(load).result()
@@ -113,7 +112,6 @@ class Engine:
         if len(self.sessions) >= self.max_sessions:  # refused, never evicted: an evicted session is a broken request
           raise SessionLimitError(f"this node holds its limit of {self.max_sessions} KV sessions (--max-sessions)")
         s = self.sessions[request_id] = Session(m.new_cache(pad=self.chunk))
-      self.sessions.move_to_end(request_id)
     if start_pos != s.pos: raise EngineError(f"position {start_pos} out of order for {request_id!r} (expected {s.pos})")
     return s
 

@@ -33,15 +33,15 @@ class Row:
 @dataclass
 class Block:
   cfg: ModelConfig
-  index: int  # within the shard: which of a request's KV buffers is this block's
   w: dict[str, Tensor]  # canonical names without the "blk.N." prefix
 
   def lin(self, name: str, x: Tensor) -> Tensor:
     y = linear(x, self.w[f"{name}.weight"])
     return y + self.w[f"{name}.bias"] if f"{name}.bias" in self.w else y
 
-  def __call__(self, x: Tensor, rows: list[Row]) -> Tensor:
-    """x: (B, T, dim), row b belonging to rows[b]'s request; the projections run once for all rows."""
+  def __call__(self, x: Tensor, rows: list[Row], i: int) -> Tensor:
+    """x: (B, T, dim), row b belonging to rows[b]'s request; i: this block's place in the shard (its KV buffer in
+    every row). The projections run once for all rows."""
     c, (B, T, _) = self.cfg, x.shape
     h = rms_norm(x, self.w["attn_norm.weight"], c.norm_eps)
     q = self.lin("attn_q", h).reshape(B, T, c.n_heads, c.head_dim)
@@ -50,17 +50,17 @@ class Block:
     if "attn_q_norm.weight" in self.w:
       q, k = rms_norm(q, self.w["attn_q_norm.weight"], c.norm_eps), rms_norm(k, self.w["attn_k_norm.weight"], c.norm_eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    parts = [self.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], r) for b, r in enumerate(rows)]
+    parts = [self.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], r, r.kv[i]) for b, r in enumerate(rows)]
     attn = (parts[0] if B == 1 else parts[0].cat(*parts[1:])).transpose(1, 2).reshape(B, T, -1)
     x = x + self.lin("attn_output", attn)
     h = rms_norm(x, self.w["ffn_norm.weight"], c.norm_eps)
     return (x + self.lin("ffn_down", self.lin("ffn_gate", h).silu() * self.lin("ffn_up", h))).contiguous()
 
-  def attend(self, q: Tensor, k: Tensor, v: Tensor, r: Row) -> Tensor:
+  def attend(self, q: Tensor, k: Tensor, v: Tensor, r: Row, kv: Tensor) -> Tensor:
     T, p = q.shape[2], r.start_pos
     q, k = rope(q, r.cos, r.sin), rope(k, r.cos, r.sin)
-    r.kv[self.index][:, :, :, p:p + T, :].assign(Tensor.stack(k, v).cast(r.kv[self.index].dtype)).realize()
-    keys, values = (r.kv[self.index][i, :, :, 0:p + T, :].cast(q.dtype) for i in (0, 1))
+    kv[:, :, :, p:p + T, :].assign(Tensor.stack(k, v).cast(kv.dtype)).realize()
+    keys, values = (kv[j, :, :, 0:p + T, :].cast(q.dtype) for j in (0, 1))
     mask = Tensor.full((1, 1, T, p + T), float("-inf"), dtype=q.dtype).triu(p + 1) if T > 1 else None
     return q.scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True)
 
@@ -102,6 +102,6 @@ class ShardModel:
     past them and overwritten later). Returns the hidden state, or each row's logits at position n-1 (B, vocab)."""
     T = x.shape[1]
     for r in rows: r.cos, r.sin = (f[r.start_pos:r.start_pos + T].reshape(1, 1, T, -1) for f in (self.cos, self.sin))
-    for blk in self.blocks: x = blk(x, rows)
+    for i, blk in enumerate(self.blocks): x = blk(x, rows, i)
     if not self.is_last: return x
     return linear(rms_norm(x[:, n - 1, :], self.norm, self.cfg.norm_eps), self.head)

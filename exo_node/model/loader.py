@@ -37,7 +37,7 @@ def load_shard(model: str | Path | Weights, start: int, end: int, device: str | 
   t0, blocks = time.monotonic(), []
   for i in range(start, end):
     names = [f"{n}.weight" for n in BLOCK_TENSORS] + [n for n in OPTIONAL_TENSORS if w.has(f"blk.{i}.{n}")]
-    blocks.append(Block(cfg, i - start, {n: get(f"blk.{i}.{n}", dtypes.float32 if "norm" in n or "bias" in n else wdtype) for n in names}))
+    blocks.append(Block(cfg, {n: get(f"blk.{i}.{n}", dtypes.float32 if "norm" in n or "bias" in n else wdtype) for n in names}))
     log.info("loaded block %d/%d (layers %d..%d)", i - start + 1, end - start, start, end - 1)
   embed = w.load("token_embd.weight", dev).cast(dtypes.float32).numpy() if start == 0 else None
   norm = head = None
