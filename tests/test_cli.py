@@ -47,3 +47,7 @@ def test_truncated_gguf_is_refused(tmp_path, gguf_path, keep):
 
 def test_prompt_over_the_context_is_refused():
   _assert_clean_error(exo_node(*SOLO, "--max-context", "16", "--prompt", "word " * 40, "--raw"), "over the context")
+
+
+def test_a_batch_size_that_is_not_a_power_of_two_is_refused():
+  _assert_clean_error(exo_node(*SOLO, "--max-batch", "3", "--prompt", "hi"), "--max-batch", "invalid choice: 3")
