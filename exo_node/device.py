@@ -1,7 +1,7 @@
 """Device binding and capabilities. bind() must run before tinygrad is imported: tinygrad reads DEV and the
 CUDA driver reads CUDA_VISIBLE_DEVICES once, at import/initialisation."""
 from __future__ import annotations
-import os, sys
+import os, sys, time
 from dataclasses import dataclass
 from exo_node.errors import ExoError
 
@@ -47,7 +47,21 @@ def capabilities() -> Capabilities:
       cuda.cuDeviceGetName(name, 256, d.cu_device)
       return Capabilities(dev, name.value.decode(), int(total.value))
     except Exception as e: raise ExoError(f"cannot open CUDA device (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}): {e}") from None
+  if dev.startswith("CPU"): _quiet_cpu_waits()
   return Capabilities(dev, "CPU", _cpu_memory())
+
+
+def _quiet_cpu_waits() -> None:
+  """tinygrad waits for its CPU worker thread by spinning in Python: that holds the GIL, so the node's gRPC and
+  asyncio threads run only at the 5 ms switch interval, and it burns a core another node (or the worker) could use.
+  Polling with a short sleep costs at most ~0.1 ms per wait."""
+  from tinygrad.runtime.ops_cpu import CPUDevice
+  def wait(self, sig, value: int, timeout: int | None = None) -> None:
+    while sig[0] < value: time.sleep(CPU_POLL_S)
+  CPUDevice._wait_signal = wait
+
+
+CPU_POLL_S = 50e-6
 
 
 # what a node reports of its environment (node-info), so a launcher's hand-down can be checked from outside

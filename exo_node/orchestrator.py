@@ -99,32 +99,41 @@ class Orchestrator:
     self.stage.deliver[rid] = lambda step, tok: tokens.put_nowait((step, tok))
     local = plan.first.node_id == self.node_id
     link: Link | None = None
+    steps: set[asyncio.Task] = set()  # on a local first shard each step is a task; its error arrives as a token
+
+    def feed(step: int, pos: int, ids: list[int]) -> None:
+      if link is not None: return link.send(pb.Frame(step=pb.Step(step=step, position=pos, tokens=pb.TokenIds(ids=ids))))
+      def finished(t: asyncio.Task) -> None:
+        steps.discard(t)
+        if not t.cancelled() and t.exception() is not None: tokens.put_nowait((step, t.exception()))
+      steps.add(task := asyncio.ensure_future(self.stage.step(rid, step, pos, np.asarray(ids, dtype=np.int64))))
+      task.add_done_callback(finished)
+
     try:
       if local: await self.stage.open(header)
       else: link = Link(self.stage.channels, plan.first.address, header, lambda err: self.stage.fail(rid, err))
 
-      async def feed(step: int, pos: int, ids: list[int]) -> None:
-        if link is None: await self.stage.step(rid, step, pos, np.asarray(ids, dtype=np.int64))
-        else: link.send(pb.Frame(step=pb.Step(step=step, position=pos, tokens=pb.TokenIds(ids=ids))))
-
       prefix, left = [*prompt, *done], s.max_tokens - len(done)
       pos = 0
-      await feed(0, 0, prefix)
+      feed(0, 0, prefix)
       for step in range(left):
         try: _, tok = await asyncio.wait_for(tokens.get(), STEP_TIMEOUT)
         except asyncio.TimeoutError: raise GenerationError(f"request {rid}: no token from the pipeline in {STEP_TIMEOUT:.0f}s") from None
-        if isinstance(tok, Exception): raise GenerationError(f"request {rid} failed: {tok}", busy="RESOURCE_EXHAUSTED" in str(tok))
+        if isinstance(tok, Exception):
+          if not isinstance(tok, ExoError): raise tok
+          raise GenerationError(f"request {rid} failed: {tok}", busy=isinstance(tok, SessionLimitError) or "RESOURCE_EXHAUSTED" in str(tok))
         if not done and step == 0: stats.ttft_s = time.monotonic() - stats.started
         if tok in stop_ids: stats.finish = "stop"; return
         stats.completion_tokens += 1
+        if step + 1 < left:  # the next step runs while this token travels to the client
+          pos += len(prefix) if step == 0 else 1
+          feed(step + 1, pos, [tok])
         yield tok
-        if step + 1 == left: return
-        pos += len(prefix) if step == 0 else 1
-        await feed(step + 1, pos, [tok])
     except ExoError as e:
       if isinstance(e, GenerationError): raise
       raise GenerationError(f"request {rid} failed: {e}", busy=isinstance(e, SessionLimitError)) from None
     finally:
+      for task in steps: task.cancel()
       self.stage.deliver.pop(rid, None)
       if link is not None: link.close("done")
       else: self.stage.close(rid, "done")

@@ -3,7 +3,7 @@ the next shard, or (on the last shard) a sampled token straight to the request's
 from __future__ import annotations
 import asyncio, logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 import numpy as np
 from exo_node.engine import Engine
 from exo_node.errors import ExoError
@@ -59,12 +59,17 @@ class Stage:
     self.requests[rid] = req = Request(header, plan, shard, sampler)
     return req
 
-  async def step(self, rid: str, step: int, position: int, data: np.ndarray) -> None:
+  def step(self, rid: str, step: int, position: int, data: np.ndarray) -> Awaitable[None]:
+    """Checks the frame and starts the forward pass at once, so a caller that does not await yet overlaps it
+    with its own work; the awaitable hands the result on."""
     req = self.requests.get(rid)
     if req is None: raise StageError(f"unknown request {rid!r}")
     if step != req.next_step: raise StageError(f"request {rid!r}: step {step} out of order (expected {req.next_step})")
     req.next_step += 1
-    out = await asyncio.wrap_future(self.engine.forward(rid, position, data))
+    return self._hand_on(req, step, position, asyncio.wrap_future(self.engine.forward(rid, position, data)))
+
+  async def _hand_on(self, req: Request, step: int, position: int, forward: asyncio.Future) -> None:
+    out = await forward
     if req.sampler is not None: return self._hand_token(req, step, req.sampler(out))
     nxt = req.plan.next_after(self.node_id)
     self._link(req, nxt.address).send(pb.Frame(step=pb.Step(step=step, position=position, hidden=encode_tensor(out))))

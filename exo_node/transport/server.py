@@ -33,19 +33,10 @@ class Servicer(pbg.ExoNodeServicer):
     rid: str | None = None
     returning = False  # a stream of sampled tokens coming back to the coordinator
     expected = 0
-    loop = asyncio.get_running_loop()
-    failed: asyncio.Future = loop.create_future()  # set by the Stage when a later hop of this request fails
-    it = frames.__aiter__()
+    failed: asyncio.Future | None = None  # set by the Stage when a later hop of this request fails
+    handler = asyncio.current_task()
     try:
-      while True:
-        nxt = asyncio.ensure_future(it.__anext__())
-        await asyncio.wait({nxt, failed}, return_when=asyncio.FIRST_COMPLETED)
-        if failed.done():
-          nxt.cancel()
-          self._drop(rid, returning)
-          await context.abort(grpc.StatusCode.UNAVAILABLE, failed.result())
-        try: frame = nxt.result()
-        except StopAsyncIteration: return
+      async for frame in frames:
         kind = frame.WhichOneof("kind")
         if kind == "header":
           if rid is not None: raise StageError("a stream carries one request: second header")
@@ -55,6 +46,7 @@ class Servicer(pbg.ExoNodeServicer):
             returning = True
           else:
             failed = (await self.stage.open(h)).failed
+            failed.add_done_callback(lambda _: handler.cancel())  # wakes this handler wherever it waits
         elif kind == "step":
           if rid is None: raise StageError("step before header: unknown request")
           s = frame.step
@@ -75,6 +67,10 @@ class Servicer(pbg.ExoNodeServicer):
     except ExoError as e:
       self._drop(rid, returning)
       await context.abort(_status(e), str(e))
+    except asyncio.CancelledError:
+      if failed is None or not failed.done(): raise  # the call itself was cancelled
+      self._drop(rid, returning)
+      await context.abort(grpc.StatusCode.UNAVAILABLE, failed.result())
     finally:
       if rid is not None and not returning and rid in self.stage.requests: self.stage.close(rid, "stream ended")
 
