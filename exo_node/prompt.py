@@ -21,13 +21,18 @@ def check_prompt(node, ids: list[int]) -> list[int]:
   return ids
 
 
+def _tokenizer(node):
+  if node.tokenizer is None: raise PromptError(f"model {node.model_id} has no tokenizer: send the prompt as token ids")
+  return node.tokenizer
+
+
 def prompt_ids(node, text: str, raw: bool) -> list[int]:
-  tok = node.tokenizer
+  tok = _tokenizer(node)
   return check_prompt(node, tok.encode(text) if raw else tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]), add_bos=False))
 
 
 def chat_ids(node, messages: list[dict]) -> list[int]:
-  tok = node.tokenizer
+  tok = _tokenizer(node)
   return check_prompt(node, tok.encode(tok.apply_chat_template(messages), add_bos=False))
 
 
@@ -40,16 +45,17 @@ async def generate(node, ids: list[int], params: SamplingParams, stops: tuple[st
   """(token id, text ready to show) pairs. Text that could begin a stop string is held back until it cannot;
   a stop string ends the request (stats.finish = "stop") and is not shown. A final (None, rest) flushes."""
   params.max_tokens = min(params.max_tokens, node.cfg.max_context - len(ids))
-  dec, held, keep = StreamDecoder(node.tokenizer), "", max((len(s) for s in stops), default=1) - 1
+  tok, held, keep = node.tokenizer, "", max((len(s) for s in stops), default=1) - 1
+  dec = StreamDecoder(tok) if tok is not None else None  # a model without a tokenizer streams ids and no text
   stats = stats if stats is not None else Stats()
-  async with aclosing(node.orchestrator.generate(ids, params, node.tokenizer.eos_ids, stats=stats)) as tokens:
+  async with aclosing(node.orchestrator.generate(ids, params, tok.eos_ids if tok else frozenset(), stats=stats)) as tokens:
     async for t in tokens:
-      held += dec.push(t)
+      held += dec.push(t) if dec else ""
       if (cut := _stop_at(held, stops)) >= 0:
         stats.finish = "stop"; yield t, held[:cut]; return
       ready, held = (held[:len(held) - keep], held[len(held) - keep:]) if keep else (held, "")
       yield t, ready
-  held += dec.flush()
+  held += dec.flush() if dec else ""
   if (cut := _stop_at(held, stops)) >= 0: stats.finish, held = "stop", held[:cut]
   if held: yield None, held
 

@@ -27,7 +27,7 @@ def one_stream(coord: Proc, prompt: list[int], n: int) -> dict:
 
 
 def measure(nodes: int, args, log_dir: Path) -> list[dict]:
-  extra = ["--model", args.model] + (["--beam", str(args.beam)] if args.beam else [])
+  extra = ["--model", args.model] + (["--beam", str(args.beam)] if args.beam else []) + (["--device", args.device] if args.device else [])
   rows = []
   with Cluster().start(free_ports(nodes), log_dir, extra=extra) as c:
     c.wait_ready(timeout=1800)
@@ -59,6 +59,8 @@ def measure(nodes: int, args, log_dir: Path) -> list[dict]:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--model", default="smollm2-135m")
+  p.add_argument("--shape", default=None, help="random weights of this shape instead of --model: llama-1b, llama-8b, llama-tiny")
+  p.add_argument("--device", default=None, help="the nodes' tinygrad backend, e.g. CUDA (default: what tinygrad finds)")
   p.add_argument("--nodes", default="1", help="comma-separated node counts, all measured in this run")
   p.add_argument("--tokens", type=int, default=48)
   p.add_argument("--prefill-tokens", type=int, default=64)
@@ -68,6 +70,7 @@ def main() -> None:
   p.add_argument("--beam", type=int, default=0)
   p.add_argument("--out", type=Path, default=Path("bench-results"), help="bench.jsonl and bench.png go here")
   args = p.parse_args()
+  if args.shape: args.model = f"random:{args.shape}"
   counts = [int(x) for x in args.nodes.split(",")]
   rows: list[dict] = []
   with tempfile.TemporaryDirectory() as tmp:

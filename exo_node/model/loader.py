@@ -7,24 +7,26 @@ from tinygrad.dtype import DType
 from exo_node.errors import ModelError
 from exo_node.model.gguf import GGUFWeights
 from exo_node.model.llama import Block, ShardModel
+from exo_node.model.random_weights import RandomWeights, is_random
 from exo_node.model.registry import resolve
 from exo_node.model.safetensors import SafetensorsWeights
 
 log = logging.getLogger(__name__)
 BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 OPTIONAL_TENSORS = ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_q_norm.weight", "attn_k_norm.weight")
-Weights = GGUFWeights | SafetensorsWeights
+Weights = GGUFWeights | SafetensorsWeights | RandomWeights
 WDTYPE = dtypes.half  # on every backend: decode streams the weights, and on the CPU kernels.matmul_t widens them in registers
 
 
 def open_weights(model: str | Path) -> Weights:
+  if is_random(str(model)): return RandomWeights(str(model))
   path = resolve(str(model))
   return SafetensorsWeights(path) if path.is_dir() else GGUFWeights(path)
 
 
 def load_shard(model: str | Path | Weights, start: int, end: int, device: str | None = None, max_context: int = 4096,
                wdtype: DType | None = None) -> ShardModel:
-  w = model if isinstance(model, (GGUFWeights, SafetensorsWeights)) else open_weights(model)
+  w = model if isinstance(model, Weights) else open_weights(model)
   cfg = w.config
   if not 0 <= start < end <= cfg.n_layers: raise ModelError(f"bad layer range [{start}, {end}) for a {cfg.n_layers}-layer model")
   dev = device or Tensor.empty(1).device
@@ -49,7 +51,9 @@ def load_shard(model: str | Path | Weights, start: int, end: int, device: str | 
 
 
 def open_tokenizer(w: Weights):
+  """None for random weights: their prompts are token ids."""
   from exo_node.model.tokenizer import Tokenizer
+  if isinstance(w, RandomWeights): return None
   return Tokenizer.from_hf_folder(w.folder) if isinstance(w, SafetensorsWeights) else Tokenizer.from_gguf_meta(w.file.meta)
 
 

@@ -1,0 +1,62 @@
+"""Random-weight models of a named shape (`--model random:NAME`): the same weights on every node, token ids in and
+out, and the bench runs on them without a weight file."""
+import json, subprocess, sys
+from pathlib import Path
+import grpc
+import pytest
+from exo_node.local_cluster import Cluster
+from conftest import PROMPT_IDS, exo_node, free_port, greedy
+
+MODEL = "random:llama-tiny"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shapes_name_every_tensor_a_llama_shard_loads():
+  from exo_node.model.loader import BLOCK_TENSORS, layer_nbytes, open_weights
+  w = open_weights("random:llama-1b")
+  c = w.config
+  assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.vocab_size) == (16, 2048, 32, 8, 128256)
+  assert all(w.has(f"blk.15.{n}.weight") for n in BLOCK_TENSORS) and w.has("token_embd.weight") and w.has("output_norm.weight")
+  assert not w.has("output.weight") and open_weights("random:llama-8b").has("output.weight")  # 1B ties its head
+  assert not w.has("blk.0.attn_q.bias") and w.shape_of("blk.3.ffn_down.weight") == (2048, 8192)
+  assert 1.2e9 < layer_nbytes(w) * c.n_layers / 2 + c.vocab_size * c.dim < 1.3e9  # Llama 3.2 1B: 1.24 B parameters
+
+
+def test_unknown_shape_is_one_line_and_exit_2():
+  r = exo_node("--model", "random:llama-70b", "--discovery", "none", "--api-port", "0", "--prompt", "hi", timeout=120)
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines()[-1] == \
+    "exo-node: error: unknown random shape 'llama-70b' (known: random:llama-1b, random:llama-8b, random:llama-tiny)"
+
+
+@pytest.fixture(scope="module")
+def two_tiny(tmp_path_factory):
+  with Cluster().start([free_port(), free_port()], tmp_path_factory.mktemp("tiny"), extra=["--model", MODEL]) as c:
+    yield c, c.wait_ready()
+
+
+def test_a_pipeline_of_random_weights_generates_the_single_process_tokens(two_tiny):
+  from exo_node.engine import Engine
+  from exo_node.model.loader import load_shard, open_weights
+  c, infos = two_tiny
+  assert sorted((i.start_layer, i.end_layer) for i in infos) == [(0, 2), (2, 4)] and infos[0].model_id == MODEL
+  w = open_weights(MODEL)
+  want = greedy(Engine(lambda: load_shard(w, 0, w.config.n_layers, max_context=256)), "tiny", PROMPT_IDS, 8)[0]
+  assert len(set(want)) > 1  # random weights still give a varied, deterministic sequence
+  assert c.procs[0].generate(PROMPT_IDS) == want and c.procs[1].generate(PROMPT_IDS) == want
+
+
+def test_a_text_prompt_is_refused_without_a_tokenizer(two_tiny):
+  with pytest.raises(grpc.RpcError) as e: two_tiny[0].procs[0].generate(prompt="The capital of France is")
+  assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+  assert e.value.details() == f"model {MODEL} has no tokenizer: send the prompt as token ids"
+
+
+def test_bench_runs_a_shape_in_one_and_two_nodes(tmp_path):
+  r = subprocess.run([sys.executable, "scripts/bench.py", "--shape", "llama-tiny", "--nodes", "1,2", "--tokens", "8", "--runs", "1",
+                      "--warmup", "1", "--prefill-tokens", "16", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+  assert [(x["mode"], x.get("nodes")) for x in rows] == [("single", 1), ("pipeline", 2), ("summary", [1, 2])]
+  assert all(x["model"] == MODEL for x in rows) and rows[0]["decode_tok_s"] > 0 and rows[-1]["pipeline_vs_single_2"] > 0
+  assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
