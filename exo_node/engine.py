@@ -7,7 +7,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 import numpy as np
-from tinygrad import Tensor, TinyJit, UOp
+from tinygrad import Device, Tensor, TinyJit, UOp
 from exo_node.errors import ExoError
 from exo_node.model.llama import Row, ShardModel
 
@@ -58,8 +58,10 @@ class Engine:
       with self._lock: self.sessions.clear()
       model = load()
       self._jits: dict[tuple[str, int], TinyJit] = {}
+      self._inputs: dict[TinyJit, Tensor] = {}
       self._vpos = [UOp.variable(f"start_pos{b}", 0, model.max_context - 1) for b in range(self.max_batch)]
       self._vn = UOp.variable("n", 1, self.chunk)
+      self._vspan = UOp.variable("span", 1, model.max_context)
       self.model = model
       return model
     return self.submit(swap)
@@ -73,12 +75,27 @@ class Engine:
       jit.cnt = 1
     return jit
 
-  def _step(self, x: Tensor, n: UOp | int, *rest: UOp | Tensor) -> Tensor:
-    """rest: the B rows' bound start positions, then their KV buffers (B x blocks); TinyJit only binds variables
-    passed as top-level arguments."""
+  def _run(self, kind: str, x: np.ndarray, *args: UOp | Tensor | int | None) -> np.ndarray:
+    """One captured step. x goes into the step's own input buffer and the result comes out of its output buffer as raw
+    copies: a fresh Tensor per step, and Tensor.numpy(), each cost a tinygrad scheduling pass (~4 ms on a CPU)."""
+    jit = self._jit(kind, len(x))
+    if (inp := self._inputs.get(jit)) is None: inp = self._inputs[jit] = Tensor.empty(*x.shape, device=self.model.device).realize()
+    buf = inp.uop.buffer.ensure_allocated()
+    dev = Device[buf.device]
+    dev.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(x, np.float32)).cast("B"))
+    out = jit(inp, *args)
+    buf, host = out.uop.base.buffer, np.empty(out.shape, np.float32)
+    assert buf.nbytes == host.nbytes, "a step's result is its own whole buffer"
+    dev.synchronize()
+    dev.allocator._copyout(memoryview(host).cast("B"), buf._buf)
+    return host
+
+  def _step(self, x: Tensor, n: UOp | int, span: UOp | None, *rest: UOp | Tensor) -> Tensor:
+    """span: None for prefill, else the decode step's attention span; rest: the B rows' bound start positions, then
+    their KV buffers (B x blocks). TinyJit only binds variables passed as top-level arguments."""
     B = x.shape[0]
     kv, per = rest[B:], len(rest[B:]) // B
-    return self.model(x, [Row(list(kv[b * per:(b + 1) * per]), rest[b]) for b in range(B)], n).realize()
+    return self.model(x, [Row(list(kv[b * per:(b + 1) * per]), rest[b]) for b in range(B)], n, span).realize()
 
   def submit(self, fn: Callable[[], R]) -> Future[R]:
     return _TINYGRAD.submit(fn)
@@ -125,8 +142,8 @@ class Engine:
     for i in range(0, T, self.chunk):
       part = x[i:i + self.chunk]
       padded = np.zeros((self.chunk, x.shape[1]), np.float32); padded[:len(part)] = part
-      out = self._jit("prefill", 1)(Tensor(padded[None]), self._vn.bind(len(part)), self._vpos[0].bind(start_pos + i), *s.kv)
-      outs.append(out.numpy()[0] if m.is_last else out.numpy()[0, :len(part)])
+      out = self._run("prefill", padded[None], self._vn.bind(len(part)), None, self._vpos[0].bind(start_pos + i), *s.kv)
+      outs.append(out[0] if m.is_last else out[0, :len(part)])
     s.pos = start_pos + T
     return outs[-1] if m.is_last else np.concatenate(outs)
 
@@ -147,7 +164,8 @@ class Engine:
     try:
       x = np.stack([self._input(d.data) for d, _ in admitted])
       positions = [self._vpos[b].bind(d.start_pos) for b, (d, _) in enumerate(admitted)]
-      out = self._jit("decode", len(admitted))(Tensor(x), 1, *positions, *(t for _, s in admitted for t in s.kv)).numpy()
+      span = self._vspan.bind(max(d.start_pos for d, _ in admitted) + 1)
+      out = self._run("decode", x, 1, span, *positions, *(t for _, s in admitted for t in s.kv))
     except Exception as e:
       for d, _ in admitted: d.result.set_exception(e)
       return

@@ -18,6 +18,14 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+  """Grouped-query attention with the softmax realized on its own: fused into the product with V (tinygrad's
+  scaled_dot_product_attention), every output lane recomputed the exps, which made it the slowest kernel of a step."""
+  k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+  scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5)
+  return (scores if mask is None else scores + mask).softmax(-1).contiguous() @ v
+
+
 def linear(x: Tensor, w: Tensor) -> Tensor: return kernels.matmul_t(x, w) if kernels.fits(x, w) else x.matmul(w.T)
 
 
@@ -26,8 +34,16 @@ class Row:
   """One request's rows in a step: its KV cache (one buffer per block of the shard) and where they start."""
   kv: list[Tensor]
   start_pos: int | UOp
-  cos: Tensor | None = None
-  sin: Tensor | None = None
+
+
+@dataclass
+class Span:
+  """What the blocks of a step share: every row attends over the first `length` cache positions (the longest
+  row's), masked past its own; the rotary angles of all rows at once."""
+  length: int | UOp
+  mask: Tensor | None
+  cos: Tensor
+  sin: Tensor
 
 
 @dataclass
@@ -39,9 +55,9 @@ class Block:
     y = linear(x, self.w[f"{name}.weight"])
     return y + self.w[f"{name}.bias"] if f"{name}.bias" in self.w else y
 
-  def __call__(self, x: Tensor, rows: list[Row], i: int) -> Tensor:
+  def __call__(self, x: Tensor, rows: list[Row], i: int, span: Span) -> Tensor:
     """x: (B, T, dim), row b belonging to rows[b]'s request; i: this block's place in the shard (its KV buffer in
-    every row). The projections run once for all rows."""
+    every row). The projections and the attention run once for all rows."""
     c, (B, T, _) = self.cfg, x.shape
     h = rms_norm(x, self.w["attn_norm.weight"], c.norm_eps)
     q = self.lin("attn_q", h).reshape(B, T, c.n_heads, c.head_dim)
@@ -49,20 +65,22 @@ class Block:
     v = self.lin("attn_v", h).reshape(B, T, c.n_kv_heads, c.head_dim)
     if "attn_q_norm.weight" in self.w:
       q, k = rms_norm(q, self.w["attn_q_norm.weight"], c.norm_eps), rms_norm(k, self.w["attn_k_norm.weight"], c.norm_eps)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    parts = [self.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], r, r.kv[i]) for b, r in enumerate(rows)]
-    attn = (parts[0] if B == 1 else parts[0].cat(*parts[1:])).transpose(1, 2).reshape(B, T, -1)
-    x = x + self.lin("attn_output", attn)
+    attn = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), rows, i, span)
+    x = x + self.lin("attn_output", attn.transpose(1, 2).reshape(B, T, -1))
     h = rms_norm(x, self.w["ffn_norm.weight"], c.norm_eps)
     return (x + self.lin("ffn_down", self.lin("ffn_gate", h).silu() * self.lin("ffn_up", h))).contiguous()
 
-  def attend(self, q: Tensor, k: Tensor, v: Tensor, r: Row, kv: Tensor) -> Tensor:
-    T, p = q.shape[2], r.start_pos
-    q, k = rope(q, r.cos, r.sin), rope(k, r.cos, r.sin)
-    kv[:, :, :, p:p + T, :].assign(Tensor.stack(k, v).cast(kv.dtype)).realize()
-    keys, values = (kv[j, :, :, 0:p + T, :].cast(q.dtype) for j in (0, 1))
-    mask = Tensor.full((1, 1, T, p + T), float("-inf"), dtype=q.dtype).triu(p + 1) if T > 1 else None
-    return q.scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True)
+  def cache(self, flat: Tensor) -> Tensor: return flat.reshape(2, 1, self.cfg.n_kv_heads, -1, self.cfg.head_dim)  # K|V, row, head, pos
+
+  def attend(self, q: Tensor, k: Tensor, v: Tensor, rows: list[Row], i: int, s: Span) -> Tensor:
+    """Each row's new K/V goes into its own cache at its own position; then one attention over all rows."""
+    q, k, T = rope(q, s.cos, s.sin), rope(k, s.cos, s.sin), q.shape[2]
+    for b, r in enumerate(rows):
+      kv = self.cache(r.kv[i])
+      kv[:, :, :, r.start_pos:r.start_pos + T, :].assign(Tensor.stack(k[b:b + 1], v[b:b + 1]).cast(kv.dtype)).realize()
+    keys, values = (Tensor.cat(*(self.cache(r.kv[i])[j, :, :, 0:s.length, :] for r in rows)).cast(q.dtype) for j in (0, 1))
+    if len(rows) > 1: keys, values = keys.contiguous(), values.contiguous()  # one copy, not a gather inside the products
+    return attention(q, keys, values, s.mask)
 
 
 class ShardModel:
@@ -88,20 +106,26 @@ class ShardModel:
   @property
   def is_last(self) -> bool: return self.end == self.cfg.n_layers
 
-  def new_cache(self, batch: int = 1, pad: int = 0) -> list[Tensor]:
-    """One buffer per block: a single buffer for all blocks makes every cache write touch all of them."""
+  def new_cache(self, pad: int = 0) -> list[Tensor]:
+    """One buffer per block (a single buffer for all blocks makes every cache write touch all of them), flat (a
+    flat buffer is what TinyJit checks fastest, on every call, for every input); Block.cache gives it its shape."""
     c = self.cfg
-    return [Tensor.zeros(2, batch, c.n_kv_heads, self.max_context + pad, c.head_dim, dtype=self.kv_dtype,
-                         device=self.device).contiguous().realize() for _ in self.blocks]
+    n = 2 * c.n_kv_heads * (self.max_context + pad) * c.head_dim
+    return [Tensor.zeros(n, dtype=self.kv_dtype, device=self.device).contiguous().realize() for _ in self.blocks]
 
   def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
     return self.embed[ids]
 
-  def __call__(self, x: Tensor, rows: list[Row], n: int | UOp = 1) -> Tensor:
+  def __call__(self, x: Tensor, rows: list[Row], n: int | UOp = 1, span: int | UOp | None = None) -> Tensor:
     """x: (B, T, dim) with row b for rows[b]; it holds n real positions (the rest is padding, written to the cache
-    past them and overwritten later). Returns the hidden state, or each row's logits at position n-1 (B, vocab)."""
+    past them and overwritten later). span: how many cache positions to attend over, at least the longest row's
+    start_pos + T (default: the first row's). Returns the hidden state, or each row's logits at position n-1 (B, vocab)."""
     T = x.shape[1]
-    for r in rows: r.cos, r.sin = (f[r.start_pos:r.start_pos + T].reshape(1, 1, T, -1) for f in (self.cos, self.sin))
-    for i, blk in enumerate(self.blocks): x = blk(x, rows, i)
+    span = rows[0].start_pos + T if span is None else span
+    mask = None if len(rows) == 1 and T == 1 else \
+      Tensor.cat(*(Tensor.full((1, 1, T, span), float("-inf"), dtype=x.dtype).triu(r.start_pos + 1) for r in rows))
+    angles = lambda f: Tensor.cat(*(f[r.start_pos:r.start_pos + T].reshape(1, 1, T, -1) for r in rows))
+    s = Span(span, mask, angles(self.cos), angles(self.sin))
+    for i, blk in enumerate(self.blocks): x = blk(x, rows, i, s)
     if not self.is_last: return x
     return linear(rms_norm(x[:, n - 1, :], self.norm, self.cfg.norm_eps), self.head)
