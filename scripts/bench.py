@@ -3,6 +3,7 @@
 Prints one JSON object per line; the last line is a summary of ratios from the same run."""
 from __future__ import annotations
 import argparse, json, statistics, sys, tempfile, time
+from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from exo_node.local_cluster import Cluster, Proc
@@ -26,33 +27,46 @@ def one_stream(coord: Proc, prompt: list[int], n: int) -> dict:
           "wall_s": stamps[-1] - t0}
 
 
-def measure(nodes: int, args, log_dir: Path) -> list[dict]:
-  extra = ["--model", args.model] + (["--beam", str(args.beam)] if args.beam else []) + (["--device", args.device] if args.device else [])
-  rows = []
-  with Cluster().start(free_ports(nodes), log_dir, extra=extra) as c:
-    c.wait_ready(timeout=1800)
-    coord = next(p for p in c.procs if p.info().start_layer == 0)
+def measure(counts: list[int], args, log_dir: Path) -> list[dict]:
+  """Every configuration is up at once and their runs alternate, so a noisy machine's drift hits them alike."""
+  batch = 1 << (args.concurrency - 1).bit_length()  # the nodes batch as many decode steps as there are streams
+  extra = ["--model", args.model, "--max-batch", str(min(batch, 16))] + (["--beam", str(args.beam)] if args.beam else []) + \
+          (["--device", args.device] if args.device else [])
+  with ExitStack() as stack:
+    ports, clusters = free_ports(sum(counts)), {}
+    for n in counts:
+      (d := log_dir / f"{n}-nodes").mkdir()
+      clusters[n] = stack.enter_context(Cluster().start(ports[:n], d, extra=extra)); ports = ports[n:]
+    for c in clusters.values(): c.wait_ready(timeout=1800)
+    coords = {n: next(p for p in c.procs if p.info().start_layer == 0) for n, c in clusters.items()}
     short, long_prompt = [504, 3575, 282, 4649, 314], [504 + (i % 300) for i in range(args.prefill_tokens)]
-    for _ in range(args.warmup): one_stream(coord, long_prompt, 4); one_stream(coord, short, 4)
-    runs = [one_stream(coord, short, args.tokens) for _ in range(args.runs)]
-    pre = [one_stream(coord, long_prompt, 1)["ttft_s"] for _ in range(args.runs)]
-    rows.append({"mode": "single" if nodes == 1 else "pipeline", "nodes": nodes, "model": args.model, "concurrency": 1,
-                 "device": coord.info().device,
-                 "decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in runs), 2),
-                 "prefill_tok_s": round(args.prefill_tokens / statistics.median(pre), 1),
-                 "ttft_ms": round(1000 * statistics.median(r["ttft_s"] for r in runs), 1),
-                 "peak_rss_mb": round(max(p.peak_rss() for p in c.procs) / 2**20, 1)})
+    for _ in range(args.warmup):
+      for coord in coords.values(): one_stream(coord, long_prompt, 4); one_stream(coord, short, 4)
+    runs: dict[int, list[dict]] = {n: [] for n in counts}
+    pre: dict[int, list[float]] = {n: [] for n in counts}
+    for _ in range(args.runs):
+      for n, coord in coords.items(): runs[n].append(one_stream(coord, short, args.tokens))
+    for _ in range(args.runs):
+      for n, coord in coords.items(): pre[n].append(one_stream(coord, long_prompt, 1)["ttft_s"])
+    rows = [{"mode": "single" if n == 1 else "pipeline", "nodes": n, "model": args.model, "concurrency": 1,
+             "device": coords[n].info().device,
+             "decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in runs[n]), 2),
+             "prefill_tok_s": round(args.prefill_tokens / statistics.median(pre[n]), 1),
+             "ttft_ms": round(1000 * statistics.median(r["ttft_s"] for r in runs[n]), 1),
+             "peak_rss_mb": round(max(p.peak_rss() for p in clusters[n].procs) / 2**20, 1)} for n in counts]
     if args.concurrency > 1:
       with ThreadPoolExecutor(args.concurrency) as pool:
-        streams = lambda n: list(pool.map(lambda i: one_stream(c.procs[i % nodes], short, n), range(args.concurrency)))
-        streams(args.tokens)  # warm-up: the first step of each decode batch size captures its JIT
-        t0 = time.monotonic()
-        res = streams(args.tokens)
-      agg = sum(r["tokens"] for r in res) / (time.monotonic() - t0)
-      single = args.tokens / statistics.median(r["wall_s"] for r in runs)
-      rows.append({"mode": "concurrent", "nodes": nodes, "model": args.model, "concurrency": args.concurrency,
-                   "decode_tok_s": round(agg, 2), "prefill_tok_s": None, "ttft_ms": round(1000 * statistics.median(r["ttft_s"] for r in res), 1),
-                   "aggregate_vs_one_stream": round(agg / single, 3)})
+        for n, c in clusters.items():
+          streams = lambda: list(pool.map(lambda i: one_stream(c.procs[i % n], short, args.tokens), range(args.concurrency)))
+          streams()  # warm-up: the first step of each decode batch size captures its JIT
+          t0 = time.monotonic()
+          res = streams()
+          agg = sum(r["tokens"] for r in res) / (time.monotonic() - t0)
+          single = args.tokens / statistics.median(r["wall_s"] for r in runs[n])
+          rows.append({"mode": "concurrent", "nodes": n, "model": args.model, "concurrency": args.concurrency,
+                       "decode_tok_s": round(agg, 2), "prefill_tok_s": None,
+                       "ttft_ms": round(1000 * statistics.median(r["ttft_s"] for r in res), 1),
+                       "aggregate_vs_one_stream": round(agg / single, 3)})
   return rows
 
 
@@ -74,8 +88,7 @@ def main() -> None:
   counts = [int(x) for x in args.nodes.split(",")]
   rows: list[dict] = []
   with tempfile.TemporaryDirectory() as tmp:
-    for n in counts:
-      for row in measure(n, args, Path(tmp)): print(json.dumps(row), flush=True); rows.append(row)
+    for row in measure(counts, args, Path(tmp)): print(json.dumps(row), flush=True); rows.append(row)
   single = next((r for r in rows if r["mode"] == "single"), None)
   summary: dict = {"mode": "summary", "model": args.model, "nodes": counts}
   for r in rows:
