@@ -51,6 +51,9 @@ def capabilities() -> Capabilities:
   return Capabilities(dev, "CPU", _cpu_memory())
 
 
+CPU_POLL_S = 50e-6
+
+
 def _quiet_cpu_waits() -> None:
   """tinygrad waits for its CPU worker thread by spinning in Python: that holds the GIL, so the node's gRPC and
   asyncio threads run only at the 5 ms switch interval, and it burns a core another node (or the worker) could use.
@@ -60,8 +63,6 @@ def _quiet_cpu_waits() -> None:
     while sig[0] < value: time.sleep(CPU_POLL_S)
   CPUDevice._wait_signal = wait
 
-
-CPU_POLL_S = 50e-6
 
 
 # what a node reports of its environment (node-info), so a launcher's hand-down can be checked from outside

@@ -3,6 +3,7 @@ KV cache per request, TinyJit for fixed-size chunked prefill and for decode step
 cap on sessions."""
 from __future__ import annotations
 import logging, threading
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -47,6 +48,7 @@ class Engine:
     self.model: ShardModel | None = None
     self.sessions: dict[str, Session] = {}
     self._decodes: list[Decode] = []  # single-token steps waiting to share the next forward pass
+    self.decode_steps: Counter[int] = Counter()  # forward passes by batch size, for /metrics
     self._lock = threading.Lock()
     if load is not None: self.load(load).result()
 
@@ -153,14 +155,16 @@ class Engine:
       batch: list[Decode] = []
       for d in self._decodes:
         if len(batch) < self.max_batch and all(b.request_id != d.request_id for b in batch): batch.append(d)
-      del batch[1 << (len(batch).bit_length() - 1):]
       self._decodes = [d for d in self._decodes if d not in batch]
-      if self._decodes: self.submit(self._drain)
     admitted = []
     for d in batch:
       try: admitted.append((d, self._session(d.request_id, d.start_pos, 1)))
       except Exception as e: d.result.set_exception(e)
-    if not admitted: return
+    keep = 1 << (len(admitted).bit_length() - 1) if admitted else 0
+    with self._lock:  # the steps past the power of two go back to the front of the queue
+      self._decodes[:0] = [d for d, _ in admitted[keep:]]
+      if self._decodes: self.submit(self._drain)
+    if not (admitted := admitted[:keep]): return
     try:
       x = np.stack([self._input(d.data) for d, _ in admitted])
       positions = [self._vpos[b].bind(d.start_pos) for b, (d, _) in enumerate(admitted)]
@@ -169,6 +173,7 @@ class Engine:
     except Exception as e:
       for d, _ in admitted: d.result.set_exception(e)
       return
+    self.decode_steps[len(admitted)] += 1
     for b, (d, s) in enumerate(admitted):
       s.pos = d.start_pos + 1
       d.result.set_result(out[b])

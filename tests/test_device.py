@@ -49,3 +49,17 @@ def test_gpu_flag_without_a_gpu_fails_clearly():
   r = exo_node("--gpu", "0", "--discovery", "none", "--node-port", "0", "--prompt", "hi", timeout=120)
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert "CUDA" in r.stderr.strip().splitlines()[-1]
+
+
+def test_cpu_waits_poll_with_sleeps_instead_of_spinning_with_the_gil(full_engine):
+  """tinygrad's own wait for its CPU worker spins in Python with the GIL held, which stalled a node's gRPC threads;
+  ours is in place once the device is open, and returns only when the worker's counter reaches the value."""
+  import array, threading
+  from tinygrad import Device
+  from exo_node import device
+  dev = full_engine.submit(lambda: (device.capabilities(), Device["CPU"])[1]).result()
+  assert type(dev)._wait_signal.__module__ == "exo_node.device"
+  counter = array.array("Q", [0])
+  threading.Timer(0.05, counter.__setitem__, (0, 3)).start()
+  dev._wait_signal(memoryview(counter), 3)
+  assert counter[0] == 3

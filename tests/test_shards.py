@@ -1,8 +1,9 @@
 """Shards compose, a shard reads and holds only its own layers, and concurrent decode steps batch."""
 import threading
+import pytest
 import numpy as np
 from conftest import PROMPT_IDS, greedy
-from exo_node.engine import Engine
+from exo_node.engine import Engine, EngineError
 from exo_node.model.gguf import GGUFWeights
 from exo_node.model.loader import load_shard
 
@@ -56,3 +57,18 @@ def test_concurrent_decode_steps_share_one_pass_and_match_one_at_a_time(full_eng
   for r, lg in logits.items(): toks[r].append(int(np.argmax(lg))); full_engine.free(r)
   assert [toks[f"b{i}"] for i in range(4)] == alone
   assert ("decode", 4) in full_engine._jits
+
+
+def test_a_refused_step_leaves_its_batch_a_power_of_two(full_engine):
+  """Of four waiting steps one is out of order: it is refused, two run as a batch and the third runs next, so no
+  batch of 3 is ever captured (a capture stalls every request for seconds)."""
+  logits = {f"p{i}": full_engine.forward(f"p{i}", 0, np.array(PROMPT_IDS)).result() for i in range(4)}
+  gate = threading.Event()
+  full_engine.submit(gate.wait)
+  futures = {r: full_engine.forward(r, len(PROMPT_IDS) + (r == "p1"), np.array([int(np.argmax(lg))])) for r, lg in logits.items()}
+  gate.set()
+  with pytest.raises(EngineError, match="position 6 out of order"): futures.pop("p1").result()
+  want = greedy(full_engine, "alone", PROMPT_IDS, 2)[0][1]
+  assert [int(np.argmax(f.result())) for f in futures.values()] == [want] * 3
+  assert ("decode", 3) not in full_engine._jits
+  for r in logits: full_engine.free(r)

@@ -68,7 +68,7 @@ class API:
                               "layers": [m.start, m.end] if m else None}, status=200 if m else 503)
 
   async def prometheus(self, request: web.Request) -> web.Response:
-    return web.Response(text=self.metrics.render(self.node.engine.n_sessions, self.node.discovery.rtt),
+    return web.Response(text=self.metrics.render(self.node.engine.n_sessions, self.node.discovery.rtt, self.node.engine.decode_steps),
                         content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
   async def models(self, request: web.Request) -> web.Response:
