@@ -1,5 +1,5 @@
 """Shards compose, a shard reads and holds only its own layers, and concurrent decode steps batch."""
-import threading
+import threading, time
 import pytest
 import numpy as np
 from conftest import PROMPT_IDS, greedy
@@ -71,4 +71,24 @@ def test_a_refused_step_leaves_its_batch_a_power_of_two(full_engine):
   want = greedy(full_engine, "alone", PROMPT_IDS, 2)[0][1]
   assert [int(np.argmax(f.result())) for f in futures.values()] == [want] * 3
   assert ("decode", 3) not in full_engine._jits
+  for r in logits: full_engine.free(r)
+
+
+def test_a_batch_that_just_finished_waits_for_its_requests_to_come_back(full_engine, monkeypatch):
+  """Two requests decode as a batch of 2; their next steps arrive apart, yet run together again. The window is long
+  here, so the test does not depend on timing."""
+  monkeypatch.setattr(full_engine, "gather_s", 30.0)
+  logits = {r: full_engine.forward(r, 0, np.array(PROMPT_IDS)).result() for r in ("g0", "g1")}
+  gate = threading.Event()
+  full_engine.submit(gate.wait)
+  first = {r: full_engine.forward(r, len(PROMPT_IDS), np.array([int(np.argmax(lg))])) for r, lg in logits.items()}
+  gate.set()
+  nxt = {r: np.array([int(np.argmax(f.result()))]) for r, f in first.items()}
+  before = dict(full_engine.decode_steps)
+  g0 = full_engine.forward("g0", len(PROMPT_IDS) + 1, nxt["g0"])
+  time.sleep(0.3)
+  assert not g0.done()  # held for g1, which was in its batch
+  g1 = full_engine.forward("g1", len(PROMPT_IDS) + 1, nxt["g1"])
+  assert np.array_equal(g0.result(), g1.result())  # same prompt, same tokens: the same logits
+  assert full_engine.decode_steps[2] == before.get(2, 0) + 1 and full_engine.decode_steps[1] == before.get(1, 0)
   for r in logits: full_engine.free(r)
