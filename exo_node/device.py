@@ -64,7 +64,6 @@ def _quiet_cpu_waits() -> None:
   CPUDevice._wait_signal = wait
 
 
-
 # what a node reports of its environment (node-info), so a launcher's hand-down can be checked from outside
 REPORTED_ENV = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "HSA_OVERRIDE_GFX_VERSION", "DEV", "BEAM", "JITBEAM", "DEBUG",
                 "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")

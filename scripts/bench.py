@@ -7,6 +7,7 @@ from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from exo_node.local_cluster import Cluster, Proc
+from exo_node.model.random_weights import PREFIX
 from chart import write_chart
 
 
@@ -84,7 +85,7 @@ def main() -> None:
   p.add_argument("--beam", type=int, default=0)
   p.add_argument("--out", type=Path, default=Path("bench-results"), help="bench.jsonl and bench.png go here")
   args = p.parse_args()
-  if args.shape: args.model = f"random:{args.shape}"
+  if args.shape: args.model = PREFIX + args.shape
   counts = [int(x) for x in args.nodes.split(",")]
   rows: list[dict] = []
   with tempfile.TemporaryDirectory() as tmp:

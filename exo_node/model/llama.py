@@ -75,10 +75,10 @@ class Block:
   def attend(self, q: Tensor, k: Tensor, v: Tensor, rows: list[Row], i: int, s: Span) -> Tensor:
     """Each row's new K/V goes into its own cache at its own position; then one attention over all rows."""
     q, k, T = rope(q, s.cos, s.sin), rope(k, s.cos, s.sin), q.shape[2]
-    for b, r in enumerate(rows):
-      kv = self.cache(r.kv[i])
+    caches = [self.cache(r.kv[i]) for r in rows]
+    for b, (r, kv) in enumerate(zip(rows, caches)):
       kv[:, :, :, r.start_pos:r.start_pos + T, :].assign(Tensor.stack(k[b:b + 1], v[b:b + 1]).cast(kv.dtype)).realize()
-    keys, values = (Tensor.cat(*(self.cache(r.kv[i])[j, :, :, 0:s.length, :] for r in rows)).cast(q.dtype) for j in (0, 1))
+    keys, values = (Tensor.cat(*(kv[j, :, :, 0:s.length, :] for kv in caches)).cast(q.dtype) for j in (0, 1))
     if len(rows) > 1: keys, values = keys.contiguous(), values.contiguous()  # one copy, not a gather inside the products
     return attention(q, keys, values, s.mask)
 
