@@ -13,13 +13,18 @@ class Capabilities:
   memory_bytes: int
 
 
+def is_cpu(device: str) -> bool:
+  """tinygrad names devices BACKEND[:N]; the CPU is the one with its own kernels, waits and cache dtype."""
+  return device.split(":")[0].upper() == "CPU"
+
+
 def bind(gpu: int | None, device: str | None) -> None:
   if "tinygrad" in sys.modules: raise RuntimeError("device.bind() must run before tinygrad is imported")
   if gpu is not None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     device = device or "CUDA"
   if device: os.environ["DEV"] = device.upper()
-  if os.environ.get("DEV", "CPU").upper().startswith("CPU") and not os.path.exists("/dev/nvidiactl"):
+  if is_cpu(os.environ.get("DEV", "CPU")) and not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("HCQ2", "1")  # tinygrad's compiled command queues: JIT replay ~20% faster on CPU (measured)
 
 
@@ -47,7 +52,7 @@ def capabilities() -> Capabilities:
       cuda.cuDeviceGetName(name, 256, d.cu_device)
       return Capabilities(dev, name.value.decode(), int(total.value))
     except Exception as e: raise ExoError(f"cannot open CUDA device (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}): {e}") from None
-  if dev.startswith("CPU"): _quiet_cpu_waits()
+  if is_cpu(dev): _quiet_cpu_waits()
   return Capabilities(dev, "CPU", _cpu_memory())
 
 

@@ -46,16 +46,16 @@ async def generate(node, ids: list[int], params: SamplingParams, stops: tuple[st
   a stop string ends the request (stats.finish = "stop") and is not shown. A final (None, rest) flushes."""
   params.max_tokens = min(params.max_tokens, node.cfg.max_context - len(ids))
   tok, held, keep = node.tokenizer, "", max((len(s) for s in stops), default=1) - 1
-  dec = StreamDecoder(tok) if tok is not None else None  # a model without a tokenizer streams ids and no text
+  dec = StreamDecoder(tok)
   stats = stats if stats is not None else Stats()
   async with aclosing(node.orchestrator.generate(ids, params, tok.eos_ids if tok else frozenset(), stats=stats)) as tokens:
     async for t in tokens:
-      held += dec.push(t) if dec else ""
+      held += dec.push(t)
       if (cut := _stop_at(held, stops)) >= 0:
         stats.finish = "stop"; yield t, held[:cut]; return
       ready, held = (held[:len(held) - keep], held[len(held) - keep:]) if keep else (held, "")
       yield t, ready
-  held += dec.flush() if dec else ""
+  held += dec.flush()
   if (cut := _stop_at(held, stops)) >= 0: stats.finish, held = "stop", held[:cut]
   if held: yield None, held
 

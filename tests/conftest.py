@@ -1,6 +1,6 @@
 """Shared fixtures: the real SmolLM2 GGUF, engines over it, and real exo-node processes on 127.0.0.1."""
 from __future__ import annotations
-import os, socket, subprocess, sys, time
+import json, os, socket, subprocess, sys, time, urllib.error, urllib.request
 from pathlib import Path
 import numpy as np
 import pytest
@@ -82,3 +82,21 @@ def api_cluster(tmp_path_factory):
   from exo_node.local_cluster import Cluster
   with Cluster().start([free_port(), free_port()], tmp_path_factory.mktemp("api"), api_ports=[free_port(), free_port()]) as c:
     c.wait_ready(); yield c
+
+
+def http(url: str, body=None, method="POST") -> tuple[int, dict | str]:
+  data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
+  req = urllib.request.Request(url, data=data, method=method if data is not None else "GET", headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(req, timeout=300) as r: raw, status = r.read().decode(), r.status
+  except urllib.error.HTTPError as e: raw, status = e.read().decode(), e.code
+  try: return status, json.loads(raw)
+  except json.JSONDecodeError: return status, raw
+
+
+def sse(url: str, body: dict, timeout: float = 300):
+  """(arrival time, event) for each SSE event of a streamed completion."""
+  req = urllib.request.Request(url + "/v1/completions", json.dumps({**body, "stream": True}).encode(), {"Content-Type": "application/json"})
+  with urllib.request.urlopen(req, timeout=timeout) as r:
+    for line in r:
+      if line.startswith(b"data: ") and line.strip() != b"data: [DONE]": yield time.monotonic(), json.loads(line[6:])

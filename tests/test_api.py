@@ -1,7 +1,7 @@
 """The OpenAI-compatible API on a real 2-node cluster, through the official client and raw HTTP."""
 import json, time, urllib.error, urllib.request
 import pytest
-from conftest import free_port, greedy
+from conftest import free_port, greedy, http
 from exo_node.local_cluster import Cluster
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -25,16 +25,6 @@ def chat_want(full_engine, weights):
   out = greedy(full_engine, "chat-api", ids, 12)[0]
   out = out[:min(out.index(e) for e in tok.eos_ids if e in out)] if tok.eos_ids & set(out) else out
   return tok.decode(out), len(ids), len(out)
-
-
-def http(url: str, body=None, method="POST") -> tuple[int, dict | str]:
-  data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
-  req = urllib.request.Request(url, data=data, method=method if data is not None else "GET", headers={"Content-Type": "application/json"})
-  try:
-    with urllib.request.urlopen(req, timeout=300) as r: raw, status = r.read().decode(), r.status
-  except urllib.error.HTTPError as e: raw, status = e.read().decode(), e.code
-  try: return status, json.loads(raw)
-  except json.JSONDecodeError: return status, raw
 
 
 def test_chat_completion_through_the_openai_client(client, chat_want):

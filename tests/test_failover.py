@@ -1,28 +1,13 @@
 """A node dies mid-generation (kill -9): the coordinator re-plans over the survivors and replays the prefix, or,
 when they cannot hold the model, fails fast and cleanly. Real processes on 127.0.0.1, real HTTP streams."""
-import json, os, signal, time, urllib.error, urllib.request
-from conftest import PROMPT_IDS, free_port, greedy
+import os, signal, time
+from conftest import PROMPT_IDS, free_port, greedy, http, sse
 from exo_node.local_cluster import Cluster
 from exo_node.model.loader import layer_nbytes, open_tokenizer
 
 
-def sse(url: str, body: dict, timeout: float = 300):
-  """(arrival time, event) for each SSE event of a streamed completion."""
-  req = urllib.request.Request(url + "/v1/completions", json.dumps({**body, "stream": True}).encode(), {"Content-Type": "application/json"})
-  with urllib.request.urlopen(req, timeout=timeout) as r:
-    for line in r:
-      if line.startswith(b"data: ") and line.strip() != b"data: [DONE]": yield time.monotonic(), json.loads(line[6:])
-
-
-def complete(url: str, body: dict, timeout: float = 300) -> tuple[int, dict]:
-  req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
-  try:
-    with urllib.request.urlopen(req, timeout=timeout) as r: return r.status, json.load(r)
-  except urllib.error.HTTPError as e: return e.code, json.load(e)
-
-
 def cluster_plan(url: str) -> list[tuple[str, int, int]]:
-  with urllib.request.urlopen(url + "/v1/cluster", timeout=5) as r: return [(s["node_id"], s["start"], s["end"]) for s in json.load(r)["plan"]]
+  return [(s["node_id"], s["start"], s["end"]) for s in http(url + "/v1/cluster")[1]["plan"]]
 
 
 def test_killing_the_middle_node_mid_stream_loses_nothing(tmp_path, full_engine, weights):
@@ -60,11 +45,11 @@ def test_when_the_survivors_cannot_hold_the_model_the_request_fails_fast_then_re
     assert "error" in err and "n1" in err["error"]["message"] and "cannot serve the model" in err["error"]["message"], err
     print(f"\nfailure reported {t_err - killed:.2f}s after the kill")
     assert t_err - killed < 5
-    status, reply = complete(url, body)
+    status, reply = http(url + "/v1/completions", body)
     assert status == 503 and "not enough memory" in reply["error"]["message"]
     assert c.procs[0].info().active_sessions == 0
 
     c.restart(1)
     c.wait_ready()
-    status, reply = complete(url, {**body, "max_tokens": 4})
+    status, reply = http(url + "/v1/completions", {**body, "max_tokens": 4})
     assert status == 200 and reply["usage"]["completion_tokens"] == 4

@@ -1,10 +1,10 @@
 """exo-cluster: real launcher processes bringing up real exo-node children on 127.0.0.1 (mDNS on loopback), with a
 fake nvidia-smi for the GPU list and a local stand-in for ssh."""
-import json, os, re, signal, subprocess, sys, threading, time, urllib.request, uuid
+import os, re, signal, subprocess, sys, threading, time, uuid
 from pathlib import Path
 import grpc
 import pytest
-from conftest import PROMPT_IDS, free_port, greedy
+from conftest import PROMPT_IDS, free_port, greedy, http, sse
 from exo_node.launch.env import inherited, is_secret, masked
 from exo_node.launch.spec import assign, parse_hosts, world_env
 from exo_node.errors import ExoError
@@ -157,11 +157,12 @@ def test_three_cpu_nodes_form_a_cluster_answer_drain_at_sigterm_and_leave_nothin
   want = open_tokenizer(weights).decode(greedy(full_engine, "launch", PROMPT_IDS, 6)[0])
   req = {"model": "smollm2-135m", "prompt": PROMPT_IDS, "max_tokens": 6, "temperature": 0}
   def complete() -> str:
-    r = urllib.request.Request(f"http://127.0.0.1:{l.api + 1}/v1/completions", json.dumps(req).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(r, timeout=300) as resp: return json.load(resp)["choices"][0]["text"]
+    status, reply = http(f"http://127.0.0.1:{l.api + 1}/v1/completions", req)
+    assert status == 200, reply
+    return reply["choices"][0]["text"]
   assert complete() == want
 
-  from test_failover import sse  # SIGTERM mid-stream: the nodes drain, the stream still completes
+  # SIGTERM mid-stream: the nodes drain, the stream still completes
   stream = sse(f"http://127.0.0.1:{l.api + 1}", {**req, "max_tokens": 12})
   got = [next(stream)[1], next(stream)[1]]
   l.popen.send_signal(signal.SIGTERM)

@@ -5,7 +5,7 @@ from pathlib import Path
 import grpc
 import pytest
 from exo_node.local_cluster import Cluster
-from conftest import PROMPT_IDS, exo_node, free_port, greedy
+from conftest import PROMPT_IDS, exo_node, free_port, greedy, http
 
 MODEL = "random:llama-tiny"
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,8 @@ def test_unknown_shape_is_one_line_and_exit_2():
 
 @pytest.fixture(scope="module")
 def two_tiny(tmp_path_factory):
-  with Cluster().start([free_port(), free_port()], tmp_path_factory.mktemp("tiny"), extra=["--model", MODEL]) as c:
+  with Cluster().start([free_port(), free_port()], tmp_path_factory.mktemp("tiny"), extra=["--model", MODEL],
+                       api_ports=[free_port(), free_port()]) as c:
     yield c, c.wait_ready()
 
 
@@ -50,6 +51,10 @@ def test_a_text_prompt_is_refused_without_a_tokenizer(two_tiny):
   with pytest.raises(grpc.RpcError) as e: two_tiny[0].procs[0].generate(prompt="The capital of France is")
   assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
   assert e.value.details() == f"model {MODEL} has no tokenizer: send the prompt as token ids"
+  url = two_tiny[0].procs[1].url
+  for path, body in (("/v1/completions", {"prompt": "The capital of France is"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})):
+    status, reply = http(url + path, {"model": MODEL, "max_tokens": 2, **body})
+    assert status == 400 and reply["error"]["message"] == f"model {MODEL} has no tokenizer: send the prompt as token ids", reply
 
 
 def test_bench_runs_a_shape_in_one_and_two_nodes(tmp_path):

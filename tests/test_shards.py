@@ -74,16 +74,22 @@ def test_a_refused_step_leaves_its_batch_a_power_of_two(full_engine):
   for r in logits: full_engine.free(r)
 
 
+def batch_of_two(engine: Engine, names: tuple[str, str]) -> dict[str, np.ndarray]:
+  """Prefills two requests and runs their first decode step as one batch; returns each one's next token."""
+  logits = {r: engine.forward(r, 0, np.array(PROMPT_IDS)).result() for r in names}
+  gate = threading.Event()
+  engine.submit(gate.wait)
+  first = {r: engine.forward(r, len(PROMPT_IDS), np.array([int(np.argmax(lg))])) for r, lg in logits.items()}
+  gate.set()
+  return {r: np.array([int(np.argmax(f.result()))]) for r, f in first.items()}
+
+
 def test_a_batch_that_just_finished_waits_for_its_requests_to_come_back(full_engine, monkeypatch):
   """Two requests decode as a batch of 2; their next steps arrive apart, yet run together again. The window is long
   here, so the test does not depend on timing."""
   monkeypatch.setattr(full_engine, "gather_s", 30.0)
-  logits = {r: full_engine.forward(r, 0, np.array(PROMPT_IDS)).result() for r in ("g0", "g1")}
-  gate = threading.Event()
-  full_engine.submit(gate.wait)
-  first = {r: full_engine.forward(r, len(PROMPT_IDS), np.array([int(np.argmax(lg))])) for r, lg in logits.items()}
-  gate.set()
-  nxt = {r: np.array([int(np.argmax(f.result()))]) for r, f in first.items()}
+  monkeypatch.setattr(full_engine, "return_s", None)
+  nxt = batch_of_two(full_engine, ("g0", "g1"))
   before = dict(full_engine.decode_steps)
   g0 = full_engine.forward("g0", len(PROMPT_IDS) + 1, nxt["g0"])
   time.sleep(0.3)
@@ -91,4 +97,19 @@ def test_a_batch_that_just_finished_waits_for_its_requests_to_come_back(full_eng
   g1 = full_engine.forward("g1", len(PROMPT_IDS) + 1, nxt["g1"])
   assert np.array_equal(g0.result(), g1.result())  # same prompt, same tokens: the same logits
   assert full_engine.decode_steps[2] == before.get(2, 0) + 1 and full_engine.decode_steps[1] == before.get(1, 0)
-  for r in logits: full_engine.free(r)
+  assert full_engine.return_s is not None and full_engine.return_s < 30.0
+  for r in nxt: full_engine.free(r)
+
+
+def test_where_steps_come_back_slowly_a_ready_step_does_not_wait(full_engine, monkeypatch):
+  """In a pipeline a step comes back after the other shards' work: waiting for it would idle this shard. Here the
+  engine has seen steps take 10^4 s to come back, so the window (10^3 s) is not worth waiting for."""
+  monkeypatch.setattr(full_engine, "gather_s", 1e3)
+  nxt = batch_of_two(full_engine, ("s0", "s1"))
+  monkeypatch.setattr(full_engine, "return_s", 1e4)
+  before = dict(full_engine.decode_steps)
+  s0 = full_engine.forward("s0", len(PROMPT_IDS) + 1, nxt["s0"]).result(timeout=120)
+  s1 = full_engine.forward("s1", len(PROMPT_IDS) + 1, nxt["s1"]).result(timeout=120)
+  assert np.array_equal(s0, s1)
+  assert full_engine.decode_steps[1] == before.get(1, 0) + 2 and full_engine.decode_steps[2] == before.get(2, 0)
+  for r in nxt: full_engine.free(r)

@@ -8,13 +8,14 @@ from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.dtype import AddrSpace
 from tinygrad.helpers import NUM_CPU_THREADS, prod
 from tinygrad.uop.ops import AxisType, KernelInfo
+from exo_node.device import is_cpu
 
 LANES = 8         # one AVX2 register of fp32 partial sums per row
 ROW_BLOCKS = (4, 2, 1)  # input rows sharing one pass over a weight row: the weights stream once per block
 
 
 def fits(x: Tensor, w: Tensor) -> bool:
-  return w.device.split(":")[0] == "CPU" and len(w.shape) == 2 and w.shape[1] % LANES == 0 and all(
+  return is_cpu(w.device) and len(w.shape) == 2 and w.shape[1] % LANES == 0 and all(
     isinstance(s, int) for s in x.shape)
 
 

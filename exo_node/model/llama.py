@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, UOp, dtypes
 from tinygrad.dtype import DType
+from exo_node.device import is_cpu
 from exo_node.model import kernels
 from exo_node.model.config import ModelConfig
 
@@ -95,7 +96,7 @@ class ShardModel:
     # the cache follows the weights unless told, except on the CPU: attention there runs on tinygrad's own kernels,
     # and fp16 K/V would cost clang's scalar fp16 conversions on every step
     self.max_context = max_context
-    self.kv_dtype = kv_dtype or (dtypes.float32 if self.device.split(":")[0] == "CPU" else
+    self.kv_dtype = kv_dtype or (dtypes.float32 if is_cpu(self.device) else
                                  (blocks[0].w["attn_k.weight"] if blocks else head).dtype)
     angles = np.outer(np.arange(2 * max_context, dtype=np.float32), cfg.inv_freq())
     self.cos, self.sin = (Tensor(f, device=self.device).realize()

@@ -108,11 +108,14 @@ class Tokenizer:
 
 class StreamDecoder:
   """Text of a token stream, piece by piece: a character split across tokens is held back until complete, and only a
-  short window of ids is re-decoded per token, so streaming stays O(1) per token."""
+  short window of ids is re-decoded per token, so streaming stays O(1) per token. Without a tokenizer (random
+  weights) there is no text: the stream is its ids."""
 
-  def __init__(self, tok: Tokenizer): self.tok, self.ids, self.prefix, self.read = tok, [], 0, 0
+  def __init__(self, tok: Tokenizer | None): self.tok, self.ids, self.prefix, self.read = tok, [], 0, 0
 
-  def _new_text(self) -> str: return self.tok.decode(self.ids[self.prefix:])[len(self.tok.decode(self.ids[self.prefix:self.read])):]
+  def _new_text(self) -> str:
+    if self.tok is None: return ""
+    return self.tok.decode(self.ids[self.prefix:])[len(self.tok.decode(self.ids[self.prefix:self.read])):]
 
   def push(self, token_id: int) -> str:
     self.ids.append(token_id)
