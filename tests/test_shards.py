@@ -113,3 +113,28 @@ def test_where_steps_come_back_slowly_a_ready_step_does_not_wait(full_engine, mo
   assert np.array_equal(s0, s1)
   assert full_engine.decode_steps[1] == before.get(1, 0) + 2 and full_engine.decode_steps[2] == before.get(2, 0)
   for r in nxt: full_engine.free(r)
+
+
+def test_a_cache_left_by_an_ended_request_serves_the_next_one_unchanged(full_engine, monkeypatch):
+  """A new request takes the cache of an ended one without clearing it: the stale positions past its own must never
+  count, even in a batch whose other row attends further."""
+  monkeypatch.setattr(full_engine, "_spare", [])
+  want, _ = greedy(full_engine, "fresh", PROMPT_IDS, 2)
+  alone = full_engine.forward("alone", 0, np.array(PROMPT_IDS)).result()
+  alone = full_engine.forward("alone", len(PROMPT_IDS), np.array([want[0]])).result()
+  full_engine.free("alone")
+  full_engine.forward("long", 0, np.arange(1000, 1040)).result()
+  stale = full_engine.sessions["long"].kv
+  full_engine.free("long")
+  first = {r: full_engine.forward(r, 0, np.array(ids)).result() for r, ids in (("short", PROMPT_IDS), ("other", list(range(2000, 2012))))}
+  assert full_engine.sessions["short"].kv is stale  # the spare taken last is the one freed last
+  gate = threading.Event()
+  full_engine.submit(gate.wait)
+  steps = {r: full_engine.forward(r, len(PROMPT_IDS) if r == "short" else 12, np.array([int(np.argmax(lg))])) for r, lg in first.items()}
+  before = full_engine.decode_steps[2]
+  gate.set()
+  short = steps["short"].result()
+  assert full_engine.decode_steps[2] == before + 1  # short attended over other's 13 positions, 7 of them stale
+  assert int(np.argmax(first["short"])) == want[0] and int(np.argmax(short)) == want[1]
+  np.testing.assert_allclose(short, alone, rtol=1e-4, atol=1e-3)
+  for r in steps: full_engine.free(r)

@@ -6,7 +6,7 @@ import numpy as np
 from tinygrad import Tensor, UOp, dtypes
 from tinygrad.dtype import DType
 from exo_node.device import is_cpu
-from exo_node.model import kernels
+from exo_node.model import host_io, kernels
 from exo_node.model.config import ModelConfig
 
 
@@ -112,7 +112,7 @@ class ShardModel:
     flat buffer is what TinyJit checks fastest, on every call, for every input); Block.cache gives it its shape."""
     c = self.cfg
     n = 2 * c.n_kv_heads * (self.max_context + pad) * c.head_dim
-    return [Tensor.zeros(n, dtype=self.kv_dtype, device=self.device).contiguous().realize() for _ in self.blocks]
+    return [host_io.zeros(n, self.kv_dtype, self.device) for _ in self.blocks]
 
   def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
     return self.embed[ids]
