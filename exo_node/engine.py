@@ -166,6 +166,12 @@ class Engine:
     s.pos = start_pos + T
     return outs[-1] if m.is_last else np.concatenate(outs)
 
+  def _rows(self, n: int) -> int:
+    """Rows of a pass for n waiting steps: a size already captured, padded by at most n rows, else the largest power
+    of two up to n. A capture stalls every request for seconds on a CPU; a padding row costs only its share of a pass."""
+    captured = sorted(b for kind, b in self._jits if kind == "decode")
+    return next((b for b in captured if n <= b <= 2 * n), 1 << (n.bit_length() - 1)) if n else 0
+
   def _drain(self) -> None:
     """Takes the waiting single-token steps of distinct requests, a power of two of them (one capture per size).
     The requests of a batch that just finished get up to gather_s to come back with their next step: without the
@@ -187,19 +193,24 @@ class Engine:
     for d in batch:
       try: admitted.append((d, self._session(d.request_id, d.start_pos, 1)))
       except Exception as e: d.result.set_exception(e)
-    keep = 1 << (len(admitted).bit_length() - 1) if admitted else 0
-    with self._lock:  # the steps past the power of two go back to the front of the queue
-      self._decodes[:0] = [d for d, _ in admitted[keep:]]
+    rows = self._rows(len(admitted))
+    with self._lock:  # the steps past the pass's rows go back to the front of the queue; padding rows borrow spare caches
+      self._decodes[:0] = [d for d, _ in admitted[rows:]]
       if self._decodes: self.submit(self._drain)
-    if not (admitted := admitted[:keep]): return
+      admitted, pads = admitted[:rows], [self._spare.pop() for _ in range(min(len(self._spare), rows - len(admitted)))]
+    if not admitted: return
     try:
+      pads += [self.model.new_cache(pad=self.chunk) for _ in range(rows - len(admitted) - len(pads))]
       x = np.stack([self._input(d.data) for d, _ in admitted])
-      positions = [self._vpos[b].bind(d.start_pos) for b, (d, _) in enumerate(admitted)]
+      x = np.concatenate([x, np.zeros((len(pads), *x.shape[1:]), x.dtype)])  # padding rows attend to their position 0
+      positions = [self._vpos[b].bind(d.start_pos) for b, (d, _) in enumerate(admitted)] + [self._vpos[b].bind(0) for b in range(len(admitted), rows)]
       span = self._vspan.bind(max(d.start_pos for d, _ in admitted) + 1)
-      out = self._run("decode", x, 1, span, *positions, *(t for _, s in admitted for t in s.kv))
+      out = self._run("decode", x, 1, span, *positions, *(t for _, s in admitted for t in s.kv), *(t for kv in pads for t in kv))
     except Exception as e:
       for d, _ in admitted: d.result.set_exception(e)
       return
+    finally:
+      with self._lock: self._spare.extend(pads)
     self.decode_steps[len(admitted)] += 1
     self._last = (now := time.monotonic(), frozenset(d.request_id for d, _ in admitted))
     for b, (d, s) in enumerate(admitted):

@@ -59,18 +59,25 @@ def test_concurrent_decode_steps_share_one_pass_and_match_one_at_a_time(full_eng
   assert ("decode", 4) in full_engine._jits
 
 
-def test_a_refused_step_leaves_its_batch_a_power_of_two(full_engine):
-  """Of four waiting steps one is out of order: it is refused, two run as a batch and the third runs next, so no
-  batch of 3 is ever captured (a capture stalls every request for seconds)."""
+def test_a_refused_step_leaves_three_that_run_padded_in_the_captured_pass_of_4(full_engine):
+  """Four requests decode as a batch of 4; at the next step one is out of order and refused. The three others run
+  as one pass of the captured size 4 with a padding row, and no pass of 3 is captured (a capture stalls every
+  request for seconds)."""
   logits = {f"p{i}": full_engine.forward(f"p{i}", 0, np.array(PROMPT_IDS)).result() for i in range(4)}
-  gate = threading.Event()
-  full_engine.submit(gate.wait)
-  futures = {r: full_engine.forward(r, len(PROMPT_IDS) + (r == "p1"), np.array([int(np.argmax(lg))])) for r, lg in logits.items()}
-  gate.set()
-  with pytest.raises(EngineError, match="position 6 out of order"): futures.pop("p1").result()
-  want = greedy(full_engine, "alone", PROMPT_IDS, 2)[0][1]
-  assert [int(np.argmax(f.result())) for f in futures.values()] == [want] * 3
-  assert ("decode", 3) not in full_engine._jits
+  want = greedy(full_engine, "alone", PROMPT_IDS, 3)[0]
+  pos = len(PROMPT_IDS)
+  for step in range(2):
+    gate = threading.Event()
+    full_engine.submit(gate.wait)
+    before = dict(full_engine.decode_steps)
+    futures = {r: full_engine.forward(r, pos + (step == 1 and r == "p1"), np.array([want[step]])) for r in logits}
+    gate.set()
+    if step == 1:
+      with pytest.raises(EngineError, match=f"position {pos + 1} out of order"): futures.pop("p1").result()
+    assert [int(np.argmax(f.result())) for f in futures.values()] == [want[step + 1]] * len(futures)
+    assert full_engine.decode_steps[len(futures)] == before.get(len(futures), 0) + 1
+    pos += 1
+  assert ("decode", 4) in full_engine._jits and ("decode", 3) not in full_engine._jits
   for r in logits: full_engine.free(r)
 
 
