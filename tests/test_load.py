@@ -3,8 +3,7 @@ requests than KV session slots: the rest wait), a stalled reader blocks nobody, 
 import json, socket, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from prometheus_client.parser import text_string_to_metric_families
-from conftest import PROMPT_IDS, greedy
-from test_failover import complete
+from conftest import PROMPT_IDS, greedy, http
 
 
 def sessions(url: str) -> float:
@@ -24,7 +23,7 @@ def test_fifty_concurrent_requests_complete_and_a_stalled_reader_blocks_nobody(a
   stalled.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(req)}\r\n\r\n{req}".encode())
   t0 = time.monotonic()
   with ThreadPoolExecutor(50) as pool:
-    results = list(pool.map(lambda i: complete(urls[i % 2], body), range(50)))
+    results = list(pool.map(lambda i: http(urls[i % 2] + "/v1/completions", body), range(50)))
   print(f"\n50 concurrent requests (1 token each) on 2 nodes: {time.monotonic() - t0:.1f}s")
   assert [s for s, _ in results] == [200] * 50
   assert {r["choices"][0]["text"] for _, r in results} == {want} and all(r["usage"]["completion_tokens"] == 1 for _, r in results)
