@@ -87,10 +87,30 @@ class GGUFFile:
     return np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
 
-def _unpermute(w: "Tensor", n_heads: int) -> "Tensor":
+def dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
+  """float32 values of the formats in HOST_TYPES, vectorized on the host: a tinygrad dequantization graph per tensor
+  costs a scheduling pass and a command-queue compile (SmolLM2: 7 s of a 10 s load, against ~1 s here)."""
+  name, _, block = GGML_TYPES[ggml_type]
+  if name == "F32": return raw.view(np.float32)
+  if name == "F16": return raw.view(np.float16).astype(np.float32)
+  if name == "BF16": return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+  b = raw.reshape(-1, block)
+  d = b[:, 0:2].copy().view(np.float16).astype(np.float32)  # one fp16 scale per block of 32
+  if name == "Q8_0": return (d * b[:, 2:].copy().view(np.int8)).reshape(-1)
+  qs = b[:, -16:]
+  q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)  # low nibbles are the first 16 values
+  if name == "Q4_0": return (d * (q - 8)).reshape(-1)
+  return (d * q + b[:, 2:4].copy().view(np.float16).astype(np.float32)).reshape(-1)  # Q4_1: scale and minimum
+
+
+HOST_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")  # the K-quants go through tinygrad's dequantization
+
+
+def _unpermute(w: "Tensor | np.ndarray", n_heads: int) -> "Tensor | np.ndarray":
   """llama.cpp stores Llama q/k rows interleaved for its RoPE; restore the half-split layout of the HF weights."""
-  rows = w.shape[0]
-  return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+  shape = w.shape
+  w = w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:])
+  return (w.swapaxes(1, 2) if isinstance(w, np.ndarray) else w.transpose(1, 2)).reshape(shape)
 
 
 class GGUFWeights:
@@ -108,6 +128,12 @@ class GGUFWeights:
   @property
   def bytes_read(self) -> int: return self.file.bytes_read
 
+  def host(self, name: str) -> np.ndarray | None:
+    """float32 on the host where numpy can dequantize it, else None (load() then dequantizes on the device)."""
+    info = self.file.tensors[name]
+    if GGML_TYPES[info.ggml_type][0] not in HOST_TYPES: return None
+    return self._fix_rows(name, dequantize(self.file.raw(name), info.ggml_type).reshape(info.shape))
+
   def load(self, name: str, device: str) -> "Tensor":
     from tinygrad import Tensor
     from tinygrad.llm.gguf import ggml_data_to_tensor
@@ -115,7 +141,7 @@ class GGUFWeights:
     t = ggml_data_to_tensor(Tensor(self.file.raw(name), device=device), info.numel, info.ggml_type).reshape(info.shape)
     return self._fix_rows(name, t)
 
-  def _fix_rows(self, name: str, t: "Tensor") -> "Tensor":
+  def _fix_rows(self, name: str, t: "Tensor | np.ndarray") -> "Tensor | np.ndarray":
     if self.config.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
       return _unpermute(t, self.config.n_heads if "attn_q" in name else self.config.n_kv_heads)
     return t

@@ -24,6 +24,13 @@ def read(t: Tensor) -> np.ndarray:
   return host
 
 
+def upload(data: np.ndarray, dtype: DType, device: str) -> Tensor:
+  """A realized tensor of data's shape holding data's bytes, which are already in dtype's layout."""
+  t = Tensor.empty(*data.shape, dtype=dtype, device=device).realize()
+  write(t, data)
+  return t
+
+
 def zeros(n: int, dtype: DType, device: str) -> Tensor:
   t = Tensor.empty(n, dtype=dtype, device=device).realize()
   write(t, np.zeros(n * dtype.itemsize, np.uint8))

@@ -2,9 +2,11 @@
 from __future__ import annotations
 import logging, time
 from pathlib import Path
+import numpy as np
 from tinygrad import Tensor, dtypes
-from tinygrad.dtype import DType
+from tinygrad.dtype import DType, _to_np_dtype
 from exo_node.errors import ModelError
+from exo_node.model import host_io
 from exo_node.model.gguf import GGUFWeights
 from exo_node.model.llama import Block, ShardModel
 from exo_node.model.random_weights import RandomWeights, is_random
@@ -33,19 +35,24 @@ def load_shard(model: str | Path | Weights, start: int, end: int, device: str | 
   wdtype = wdtype or WDTYPE
 
   def get(name: str, dtype: DType = wdtype) -> Tensor:
+    """Host values are copied straight in; the rest is realized with its block, one scheduling pass per block."""
     if not w.has(name): raise ModelError(f"missing tensor {name}")
-    return w.load(name, dev).cast(dtype).contiguous().realize()
+    if np.dtype(npd := _to_np_dtype(dtype)).itemsize == dtype.itemsize and (a := w.host(name)) is not None:
+      return host_io.upload(a.astype(npd), dtype, dev)
+    return w.load(name, dev).cast(dtype).contiguous()
 
   t0, blocks = time.monotonic(), []
   for i in range(start, end):
     names = [f"{n}.weight" for n in BLOCK_TENSORS] + [n for n in OPTIONAL_TENSORS if w.has(f"blk.{i}.{n}")]
     blocks.append(Block(cfg, {n: get(f"blk.{i}.{n}", dtypes.float32 if "norm" in n or "bias" in n else wdtype) for n in names}))
+    Tensor.realize(*blocks[-1].w.values())
     log.info("loaded block %d/%d (layers %d..%d)", i - start + 1, end - start, start, end - 1)
-  embed = w.load("token_embd.weight", dev).cast(dtypes.float32).numpy() if start == 0 else None
+  embed = None if start else w.host("token_embd.weight")
+  if start == 0 and embed is None: embed = w.load("token_embd.weight", dev).cast(dtypes.float32).numpy()
   norm = head = None
   if end == cfg.n_layers:
-    norm = get("output_norm.weight", dtypes.float32)
-    head = get("output.weight" if w.has("output.weight") else "token_embd.weight")
+    norm, head = get("output_norm.weight", dtypes.float32), get("output.weight" if w.has("output.weight") else "token_embd.weight")
+    Tensor.realize(norm, head)
   log.info("shard [%d, %d) of %s ready in %.1fs", start, end, cfg.arch, time.monotonic() - t0)
   return ShardModel(cfg, start, end, blocks, embed, norm, head, min(max_context, cfg.context_length))
 

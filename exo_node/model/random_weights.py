@@ -41,6 +41,8 @@ class RandomWeights:
     base, _, kind = name.rpartition(".")
     return shapes.get(base.rpartition(".")[2]) if kind == "weight" else None
 
+  def host(self, name: str) -> None: return None  # drawn on the device
+
   def load(self, name: str, device: str) -> "Tensor":
     from tinygrad import Tensor
     if (shape := self.shape_of(name)) is None: raise ModelError(f"{PREFIX}{self.shape} has no tensor {name}")

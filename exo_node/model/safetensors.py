@@ -47,10 +47,12 @@ class SafetensorsWeights:
 
   def has(self, name: str) -> bool: return name in self._index
 
-  def load(self, name: str, device: str) -> "Tensor":
-    from tinygrad import Tensor
+  def host(self, name: str) -> np.ndarray:
     mm, dtype, shape, off, nbytes = self._index[name]
     self.bytes_read += nbytes
     a = np.frombuffer(mm, dtype=_DTYPES[dtype], count=nbytes // np.dtype(_DTYPES[dtype]).itemsize, offset=off).reshape(shape)
-    if dtype == "BF16": a = (a.astype(np.uint32) << 16).view(np.float32)
-    return Tensor(a.astype(np.float32), device=device)
+    return (a.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else a.astype(np.float32)
+
+  def load(self, name: str, device: str) -> "Tensor":
+    from tinygrad import Tensor
+    return Tensor(self.host(name), device=device)
