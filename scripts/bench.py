@@ -57,17 +57,21 @@ def measure(counts: list[int], args, log_dir: Path) -> list[dict]:
              "peak_rss_mb": round(max(p.peak_rss() for p in clusters[n].procs) / 2**20, 1)} for n in counts]
     if args.concurrency > 1:
       with ThreadPoolExecutor(args.concurrency) as pool:
-        for n, c in clusters.items():
-          streams = lambda: list(pool.map(lambda i: one_stream(c.procs[i % n], short, args.tokens), range(args.concurrency)))
-          streams()  # warm-up: the first step of each decode batch size captures its JIT
+        def streams(n: int) -> tuple[float, list[dict]]:
           t0 = time.monotonic()
-          res = streams()
-          agg = sum(r["tokens"] for r in res) / (time.monotonic() - t0)
-          single = args.tokens / statistics.median(r["wall_s"] for r in runs[n])
-          rows.append({"mode": "concurrent", "nodes": n, "model": args.model, "concurrency": args.concurrency,
-                       "decode_tok_s": round(agg, 2), "prefill_tok_s": None,
-                       "ttft_ms": round(1000 * statistics.median(r["ttft_s"] for r in res), 1),
-                       "aggregate_vs_one_stream": round(agg / single, 3)})
+          res = list(pool.map(lambda i: one_stream(clusters[n].procs[i % n], short, args.tokens), range(args.concurrency)))
+          return sum(r["tokens"] for r in res) / (time.monotonic() - t0), res
+        for n in counts: streams(n)  # warm-up: the first pass of each decode batch size captures its JIT
+        conc: dict[int, list[tuple[float, list[dict]]]] = {n: [] for n in counts}
+        for _ in range(args.runs):
+          for n in counts: conc[n].append(streams(n))
+      for n in counts:
+        agg = statistics.median(a for a, _ in conc[n])
+        single = args.tokens / statistics.median(r["wall_s"] for r in runs[n])
+        rows.append({"mode": "concurrent", "nodes": n, "model": args.model, "concurrency": args.concurrency,
+                     "decode_tok_s": round(agg, 2), "prefill_tok_s": None,
+                     "ttft_ms": round(1000 * statistics.median(r["ttft_s"] for _, res in conc[n] for r in res), 1),
+                     "aggregate_vs_one_stream": round(agg / single, 3)})
   return rows
 
 
