@@ -173,11 +173,11 @@ class Engine:
     return next((b for b in captured if n <= b <= 2 * n), 1 << (n.bit_length() - 1)) if n else 0
 
   def _drain(self) -> None:
-    """Takes the waiting single-token steps of distinct requests, a power of two of them (one capture per size).
-    The requests of a batch that just finished get up to gather_s to come back with their next step: without the
-    wait, steps that arrive while a batch runs form a second batch, and the two stay apart for good. Only where
-    steps do come back that fast (one node): in a pipeline they come back after the other shards' work, and two
-    batches that take turns keep every shard busy."""
+    """Takes the waiting single-token steps of distinct requests, as many as one pass takes (`_rows`). The requests
+    of a batch that just finished get up to gather_s to come back with their next step: without the wait, steps that
+    arrive while a batch runs form a second batch, and the two stay apart for good. Only where steps do come back
+    that fast (one node): in a pipeline they come back after the other shards' work, and two batches that take turns
+    keep every shard busy."""
     with self._lock:
       done_at, last = self._last
       while True:
