@@ -101,6 +101,8 @@ class ShardModel:
     angles = np.outer(np.arange(2 * max_context, dtype=np.float32), cfg.inv_freq())
     self.cos, self.sin = (Tensor(f, device=self.device).realize()
                           for f in (np.cos(angles), np.sin(angles)))
+    # positions for the causal mask: tinygrad's arange (and so triu) is a cumsum, a span x span reduce in every step
+    self.positions = Tensor(np.arange(2 * max_context, dtype=np.int32), device=self.device).realize()
 
   @property
   def is_first(self) -> bool: return self.start == 0
@@ -123,8 +125,9 @@ class ShardModel:
     start_pos + T (default: the first row's). Returns the hidden state, or each row's logits at position n-1 (B, vocab)."""
     T = x.shape[1]
     span = rows[0].start_pos + T if span is None else span
-    mask = None if len(rows) == 1 and T == 1 else \
-      Tensor.cat(*(Tensor.full((1, 1, T, span), float("-inf"), dtype=x.dtype).triu(r.start_pos + 1) for r in rows))
+    keys = self.positions[0:span].reshape(1, 1, 1, span)
+    mask = None if len(rows) == 1 and T == 1 else Tensor.cat(*(
+      (keys > (self.positions[0:T] + r.start_pos).reshape(1, 1, T, 1)).where(float("-inf"), 0.0).cast(x.dtype) for r in rows))
     angles = lambda f: Tensor.cat(*(f[r.start_pos:r.start_pos + T].reshape(1, 1, T, -1) for r in rows))
     s = Span(span, mask, angles(self.cos), angles(self.sin))
     for i, blk in enumerate(self.blocks): x = blk(x, rows, i, s)
