@@ -96,7 +96,7 @@ class Orchestrator:
     header = pb.Header(request_id=rid, model_id=self.model_id, plan=plan.to_proto(), sampling=sampling,
                        coordinator_id=self.node_id, coordinator_address=self.address)
     tokens: asyncio.Queue = asyncio.Queue()
-    self.stage.deliver[rid] = lambda step, tok: tokens.put_nowait((step, tok))
+    prefix, left = [*prompt, *done], s.max_tokens - len(done)
     local = plan.first.node_id == self.node_id
     link: Link | None = None
     steps: set[asyncio.Task] = set()  # on a local first shard each step is a task; its error arrives as a token
@@ -109,12 +109,18 @@ class Orchestrator:
       steps.add(task := asyncio.ensure_future(self.stage.step(rid, step, pos, np.asarray(ids, dtype=np.int64))))
       task.add_done_callback(finished)
 
+    def arrive(step: int, tok: int | Exception) -> None:
+      """The next step is fed the moment a token arrives, before this loop runs anything else: the tokens of a
+      decode batch come back one after another, and the batch runs again only once each of them is fed."""
+      if not isinstance(tok, Exception) and tok not in stop_ids and step + 1 < left:
+        try: feed(step + 1, len(prefix) + step, [tok])
+        except ExoError as e: tok = e
+      tokens.put_nowait((step, tok))
+
+    self.stage.deliver[rid] = arrive
     try:
       if local: await self.stage.open(header)
       else: link = Link(self.stage.channels, plan.first.address, header, lambda err: self.stage.fail(rid, err))
-
-      prefix, left = [*prompt, *done], s.max_tokens - len(done)
-      pos = 0
       feed(0, 0, prefix)
       for step in range(left):
         try: _, tok = await asyncio.wait_for(tokens.get(), STEP_TIMEOUT)
@@ -125,10 +131,7 @@ class Orchestrator:
         if not done and step == 0: stats.ttft_s = time.monotonic() - stats.started
         if tok in stop_ids: stats.finish = "stop"; return
         stats.completion_tokens += 1
-        if step + 1 < left:  # the next step runs while this token travels to the client
-          pos += len(prefix) if step == 0 else 1
-          feed(step + 1, pos, [tok])
-        yield tok
+        yield tok  # the next step is already running (arrive)
     except ExoError as e:
       if isinstance(e, GenerationError): raise
       raise GenerationError(f"request {rid} failed: {e}", busy=isinstance(e, SessionLimitError)) from None
