@@ -6,7 +6,7 @@ import asyncio, logging, socket, time
 from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from zeroconf import InterfaceChoice, IPVersion, NonUniqueNameException, ServiceStateChange
+from zeroconf import DNSQuestionType, InterfaceChoice, IPVersion, NonUniqueNameException, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 from exo_node.discovery import Discovery, peer_from_info, probe
 from exo_node.errors import ExoError
@@ -17,6 +17,7 @@ from exo_node.transport.pb import exo_node_pb2 as pb
 log = logging.getLogger(__name__)
 SERVICE = "_exo-node._tcp.local."
 CHECK_INTERVAL, CHECK_TIMEOUT = 0.5, 1.0  # a dead peer misses its check within ~1.5 s
+NAME_CHECK_MS = 1000  # how long a starting node listens for a live holder of its own name
 
 
 class DuplicateNodeError(ExoError):
@@ -61,7 +62,9 @@ class MDNSDiscovery(Discovery):
   async def start(self) -> None:
     self._azc = AsyncZeroconf(interfaces=[self.interface] if self.interface else InterfaceChoice.All, ip_version=IPVersion.V4Only)
     self._service = self._make_service()
-    try: await self._azc.async_register_service(self._service, allow_name_change=False)
+    try:
+      if await self._name_taken(): raise NonUniqueNameException
+      await self._azc.async_register_service(self._service, allow_name_change=False)
     except NonUniqueNameException:
       await self._azc.async_close()
       self._azc = None
@@ -69,6 +72,14 @@ class MDNSDiscovery(Discovery):
     self._browser = AsyncServiceBrowser(self._azc.zeroconf, SERVICE, handlers=[self._on_change])
     self._spawn(self._health_loop())
     log.info("mDNS: advertising %s on %s", service_name(self.node_id, self.cluster), self.interface or "all interfaces")
+
+  async def _name_taken(self) -> bool:
+    """zeroconf's probe asks for unicast answers (QU). Where several responders share port 5353 on one host, the
+    kernel hands a unicast answer to any one of their sockets, so with three nodes up a fourth with a taken id went
+    unnoticed. This asks for the name's own records with multicast answers (QM), which every socket receives: any
+    live holder answers, a dead one cannot."""
+    return await AsyncServiceInfo(SERVICE, self._service.name).async_request(self._azc.zeroconf, NAME_CHECK_MS,
+                                                                             question_type=DNSQuestionType.QM)
 
   async def changed(self) -> None:
     """Re-advertise after a state change (layers loaded, memory)."""
