@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging, threading, time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp
@@ -19,8 +19,7 @@ R = TypeVar("R")
 # every Engine in a process shares this thread: tinygrad is not thread-safe and its compile cache (sqlite)
 # may only be used from the thread that opened it
 _TINYGRAD = ThreadPoolExecutor(1, thread_name_prefix="tinygrad")
-GATHER_S = 0.005  # results reach the host loop and come back as next steps within ~0.5 ms per request (2-core CPU)
-RETURN_EMA = 0.25  # weight of the newest return time in its running mean
+GATHER_S = 0.005  # the steps of one batch come back within ~0.5 ms of each other per request (2-core CPU)
 
 
 def prefill_chunk(device: str) -> int:
@@ -51,7 +50,6 @@ class SessionLimitError(EngineError):
 class Session:
   kv: list[Tensor]
   pos: int = 0
-  done_at: float | None = None  # when its last decode step finished
 
 
 @dataclass(eq=False)
@@ -60,6 +58,7 @@ class Decode:
   start_pos: int
   data: np.ndarray  # one token id, or one hidden-state row
   result: Future
+  at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 class Engine:
@@ -74,8 +73,7 @@ class Engine:
     self._decodes: list[Decode] = []  # single-token steps waiting to share the next forward pass
     self.decode_steps: Counter[int] = Counter()  # forward passes by batch size, for /metrics
     self._lock = threading.Condition()  # guards sessions and the queue; notified when a step joins the queue
-    self._last: tuple[float, frozenset[str]] = (0.0, frozenset())  # when the last batch finished, and its requests
-    self.return_s: float | None = None  # running mean of how long a finished step takes to come back as the next one
+    self._mates: dict[str, frozenset[str]] = {}  # request -> the requests of the last pass it ran in
     if load is not None: self.load(load).result()
 
   def load(self, load: Callable[[], ShardModel]) -> Future[ShardModel]:
@@ -128,9 +126,6 @@ class Engine:
     if len(data) != 1: return self.submit(lambda: self._prefill(request_id, start_pos, data))
     step = Decode(request_id, start_pos, data, Future())
     with self._lock:
-      if (s := self.sessions.get(request_id)) is not None and s.done_at is not None:
-        took = time.monotonic() - s.done_at
-        self.return_s = took if self.return_s is None else self.return_s + RETURN_EMA * (took - self.return_s)
       self._decodes.append(step)
       self._lock.notify()
       if len(self._decodes) == 1: self.submit(self._drain)
@@ -141,6 +136,7 @@ class Engine:
     (the rest is masked). Only the engine thread takes spares, so a step still running on this one ends first."""
     with self._lock:
       if (s := self.sessions.pop(request_id, None)) is not None: self._spare.append(s.kv)
+      self._mates.pop(request_id, None)
 
   @property
   def n_sessions(self) -> int: return len(self.sessions)
@@ -182,20 +178,20 @@ class Engine:
     return next((b for b in captured if n <= b <= 2 * n), 1 << (n.bit_length() - 1)) if n else 0
 
   def _drain(self) -> None:
-    """Takes the waiting single-token steps of distinct requests, as many as one pass takes (`_rows`). The requests
-    of a batch that just finished get up to gather_s to come back with their next step: without the wait, steps that
-    arrive while a batch runs form a second batch, and the two stay apart for good. Only where steps do come back
-    that fast (one node): in a pipeline they come back after the other shards' work, and two batches that take turns
-    keep every shard busy."""
+    """Takes the waiting single-token steps of distinct requests, as many as one pass takes (`_rows`). The oldest
+    waiting step holds the pass for up to gather_s from its arrival while the other requests of its last pass come
+    back: the steps of one pass return one after another, and without the wait the first would run alone and the
+    rest form a second batch, the two apart for good. Only mates are waited for, so in a pipeline, where two batches
+    take turns on every shard, one batch never waits for the other, which is still on another node."""
     with self._lock:
-      done_at, last = self._last
       while True:
         batch: list[Decode] = []
         for d in self._decodes:
           if len(batch) < self.max_batch and all(b.request_id != d.request_id for b in batch): batch.append(d)
-        coming = {r for r in last if r in self.sessions} - {d.request_id for d in batch}
-        if len(batch) == self.max_batch or not coming or (self.return_s or 0) > self.gather_s: break
-        if (left := done_at + self.gather_s - time.monotonic()) <= 0: break
+        if not batch: return
+        coming = {r for r in self._mates.get(batch[0].request_id, ()) if r in self.sessions} - {d.request_id for d in batch}
+        if len(batch) == self.max_batch or not coming: break
+        if (left := batch[0].at + self.gather_s - time.monotonic()) <= 0: break
         self._lock.wait(left)
       self._decodes = [d for d in self._decodes if d not in batch]
     admitted = []
@@ -221,7 +217,7 @@ class Engine:
     finally:
       with self._lock: self._spare.extend(pads)
     self.decode_steps[len(admitted)] += 1
-    self._last = (now := time.monotonic(), frozenset(d.request_id for d, _ in admitted))
+    mates = frozenset(d.request_id for d, _ in admitted)
     for b, (d, s) in enumerate(admitted):
-      s.pos, s.done_at = d.start_pos + 1, now
+      s.pos, self._mates[d.request_id] = d.start_pos + 1, mates
       d.result.set_result(out[b])

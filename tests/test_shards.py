@@ -95,7 +95,6 @@ def test_a_batch_that_just_finished_waits_for_its_requests_to_come_back(full_eng
   """Two requests decode as a batch of 2; their next steps arrive apart, yet run together again. The window is long
   here, so the test does not depend on timing."""
   monkeypatch.setattr(full_engine, "gather_s", 30.0)
-  monkeypatch.setattr(full_engine, "return_s", None)
   nxt = batch_of_two(full_engine, ("g0", "g1"))
   before = dict(full_engine.decode_steps)
   g0 = full_engine.forward("g0", len(PROMPT_IDS) + 1, nxt["g0"])
@@ -104,21 +103,30 @@ def test_a_batch_that_just_finished_waits_for_its_requests_to_come_back(full_eng
   g1 = full_engine.forward("g1", len(PROMPT_IDS) + 1, nxt["g1"])
   assert np.array_equal(g0.result(), g1.result())  # same prompt, same tokens: the same logits
   assert full_engine.decode_steps[2] == before.get(2, 0) + 1 and full_engine.decode_steps[1] == before.get(1, 0)
-  assert full_engine.return_s is not None and full_engine.return_s < 30.0
   for r in nxt: full_engine.free(r)
 
 
-def test_where_steps_come_back_slowly_a_ready_step_does_not_wait(full_engine, monkeypatch):
-  """In a pipeline a step comes back after the other shards' work: waiting for it would idle this shard. Here the
-  engine has seen steps take 10^4 s to come back, so the window (10^3 s) is not worth waiting for."""
+def test_a_batch_whose_requests_are_back_does_not_wait_for_another_batch(full_engine, monkeypatch):
+  """In a pipeline two batches take turns on every shard: one whose requests are all back runs at once, while the
+  requests of the batch that ran after it are still on another node. The window is 10^3 s: a wait fails the test."""
   monkeypatch.setattr(full_engine, "gather_s", 1e3)
-  nxt = batch_of_two(full_engine, ("s0", "s1"))
-  monkeypatch.setattr(full_engine, "return_s", 1e4)
+  nxt = batch_of_two(full_engine, ("a0", "a1"))
+  away = batch_of_two(full_engine, ("b0", "b1"))  # ran last; their next steps never come here
   before = dict(full_engine.decode_steps)
-  s0 = full_engine.forward("s0", len(PROMPT_IDS) + 1, nxt["s0"]).result(timeout=120)
-  s1 = full_engine.forward("s1", len(PROMPT_IDS) + 1, nxt["s1"]).result(timeout=120)
-  assert np.array_equal(s0, s1)
-  assert full_engine.decode_steps[1] == before.get(1, 0) + 2 and full_engine.decode_steps[2] == before.get(2, 0)
+  a0, a1 = (full_engine.forward(r, len(PROMPT_IDS) + 1, nxt[r]) for r in nxt)
+  assert np.array_equal(a0.result(timeout=120), a1.result(timeout=120))
+  assert full_engine.decode_steps[2] == before.get(2, 0) + 1
+  for r in (*nxt, *away): full_engine.free(r)
+
+
+def test_a_step_whose_batch_mate_stays_away_runs_alone_once_the_window_has_passed(full_engine, monkeypatch):
+  monkeypatch.setattr(full_engine, "gather_s", 0.2)
+  nxt = batch_of_two(full_engine, ("w0", "w1"))
+  before = dict(full_engine.decode_steps)
+  t0 = time.monotonic()
+  full_engine.forward("w0", len(PROMPT_IDS) + 1, nxt["w0"]).result(timeout=120)
+  assert time.monotonic() - t0 >= 0.2  # it waited for w1 the whole window
+  assert full_engine.decode_steps[1] == before.get(1, 0) + 1 and full_engine.decode_steps[2] == before.get(2, 0)
   for r in nxt: full_engine.free(r)
 
 
