@@ -26,6 +26,7 @@ class NodeConfig:
   max_context: int = 4096
   max_sessions: int = 16
   max_batch: int = 4
+  warm: bool = False  # capture every decode batch size at load, not at first use
   drain_timeout: float = 10.0
   beam: int = 0
   # one-shot generation

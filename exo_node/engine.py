@@ -93,6 +93,19 @@ class Engine:
       return model
     return self.submit(swap)
 
+  def warm(self) -> Future[None]:
+    """Captures the prefill step and a decode pass of every power-of-two batch up to max_batch now, on caches of no
+    request (they become spares): the first use of each size would otherwise stall every stream for the capture."""
+    def run() -> None:
+      m, sizes = self.model, [1 << i for i in range(self.max_batch.bit_length())]
+      caches = [m.new_cache(pad=self.chunk) for _ in range(self.max_batch)]
+      self._run("prefill", np.zeros((1, self.chunk, m.cfg.dim), np.float32), self._vn.bind(1), None, self._vpos[0].bind(0), *caches[0])
+      for b in sizes:
+        self._run("decode", np.zeros((b, 1, m.cfg.dim), np.float32), 1, self._vspan.bind(1),
+                  *(self._vpos[i].bind(0) for i in range(b)), *(t for kv in caches[:b] for t in kv))
+      with self._lock: self._spare.extend(caches)
+    return self.submit(run)
+
   def _jit(self, kind: str, batch: int) -> TinyJit:
     """One capture per (prefill|decode, batch size). It captures on its first call: weights and inputs are realized
     up front, so TinyJit's eager warm-up call would only repeat the scheduling (~7 s for 30 blocks on a 2-core CPU)."""

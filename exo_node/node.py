@@ -82,6 +82,7 @@ class Node:
       if m is not None and (m.start, m.end) == (start, end): return
       log.info("loading layers [%d, %d) of %s on %s", start, end, self.model_id, self.caps.device)
       await asyncio.wrap_future(self.engine.load(lambda: load_shard(self.weights, start, end, max_context=self.cfg.max_context)))
+      if self.cfg.warm: await asyncio.wrap_future(self.engine.warm())
     await self.discovery.changed()
 
   async def start(self) -> None:

@@ -31,7 +31,7 @@ def one_stream(coord: Proc, prompt: list[int], n: int) -> dict:
 def measure(counts: list[int], args, log_dir: Path) -> list[dict]:
   """Every configuration is up at once and their runs alternate, so a noisy machine's drift hits them alike."""
   batch = 1 << (args.concurrency - 1).bit_length()  # the nodes batch as many decode steps as there are streams
-  extra = ["--model", args.model, "--max-batch", str(min(batch, 16))] + (["--beam", str(args.beam)] if args.beam else []) + \
+  extra = ["--model", args.model, "--max-batch", str(min(batch, 16)), "--warm"] + (["--beam", str(args.beam)] if args.beam else []) + \
           (["--device", args.device] if args.device else [])
   with ExitStack() as stack:
     ports, clusters = free_ports(sum(counts)), {}

@@ -65,3 +65,23 @@ def test_bench_runs_a_shape_in_one_and_two_nodes(tmp_path):
   assert [(x["mode"], x.get("nodes")) for x in rows] == [("single", 1), ("pipeline", 2), ("summary", [1, 2])]
   assert all(x["model"] == MODEL for x in rows) and rows[0]["decode_tok_s"] > 0 and rows[-1]["pipeline_vs_single_2"] > 0
   assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_warmed_engine_has_every_batch_size_captured_and_serves_batches_without_capturing():
+  """--warm: the prefill step and decode passes of 1, 2 and 4 rows are captured at load, before any request."""
+  import threading
+  import numpy as np
+  from exo_node.engine import Engine
+  from exo_node.model.loader import load_shard
+  e = Engine(lambda: load_shard(MODEL, 0, 4, max_context=256), max_batch=4)
+  e.warm().result(timeout=600)
+  captured = set(e._jits)
+  assert captured == {("prefill", 1), ("decode", 1), ("decode", 2), ("decode", 4)}
+  want = greedy(e, "alone", PROMPT_IDS, 3)[0]
+  first = {r: int(np.argmax(e.forward(r, 0, np.array(PROMPT_IDS)).result())) for r in ("w0", "w1", "w2")}
+  gate = threading.Event()
+  e.submit(gate.wait)  # the three steps below wait in one queue and run as one padded pass of 4
+  steps = {r: e.forward(r, len(PROMPT_IDS), np.array([t])) for r, t in first.items()}
+  gate.set()
+  assert [[first[r], int(np.argmax(f.result()))] for r, f in steps.items()] == [want[:2]] * 3
+  assert set(e._jits) == captured and e.decode_steps[3] == 1
