@@ -66,7 +66,7 @@ class Stage:
     if req is None: raise StageError(f"unknown request {rid!r}")
     if step != req.next_step: raise StageError(f"request {rid!r}: step {step} out of order (expected {req.next_step})")
     req.next_step += 1
-    return self._hand_on(req, step, position, asyncio.wrap_future(self.engine.forward(rid, position, data)))
+    return self._hand_on(req, step, position, asyncio.wrap_future(self.engine.forward(rid, position, data, len(req.plan.shards))))
 
   async def _hand_on(self, req: Request, step: int, position: int, forward: asyncio.Future) -> None:
     out = await forward

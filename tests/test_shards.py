@@ -20,6 +20,7 @@ def test_three_shards_chained_equal_the_whole_model(gguf_path, full_engine):
     pos += len(x); toks.append(int(np.argmax(h))); x = np.array(toks[-1:])
   assert toks == whole
   ref = full_engine.forward("ref", 0, np.array(PROMPT_IDS)).result()
+  full_engine.free("ref")
   np.testing.assert_allclose(first_logits, ref, rtol=1e-4, atol=1e-3)
 
 
@@ -153,3 +154,18 @@ def test_a_cache_left_by_an_ended_request_serves_the_next_one_unchanged(full_eng
   assert int(np.argmax(first["short"])) == want[0] and int(np.argmax(short)) == want[1]
   np.testing.assert_allclose(short, alone, rtol=1e-4, atol=1e-3)
   for r in steps: full_engine.free(r)
+
+
+def test_in_a_pipeline_of_two_shards_four_waiting_steps_run_as_two_passes_of_two(full_engine):
+  """Two batches that take turns keep both shards busy; one batch of four would leave one of them idle."""
+  assert not full_engine.sessions  # a pass takes at most half of the requests here: these four
+  logits = {f"h{i}": full_engine.forward(f"h{i}", 0, np.array(PROMPT_IDS)).result() for i in range(4)}
+  want = greedy(full_engine, "alone", PROMPT_IDS, 2)[0]
+  gate = threading.Event()
+  full_engine.submit(gate.wait)  # the four steps below wait in one queue
+  before = dict(full_engine.decode_steps)
+  steps = [full_engine.forward(r, len(PROMPT_IDS), np.array([int(np.argmax(lg))]), stages=2) for r, lg in logits.items()]
+  gate.set()
+  assert [int(np.argmax(f.result())) for f in steps] == [want[1]] * 4
+  assert full_engine.decode_steps[2] == before.get(2, 0) + 2 and full_engine.decode_steps[4] == before.get(4, 0)
+  for r in logits: full_engine.free(r)
