@@ -1,8 +1,9 @@
 """Random-weight models of a named shape (`--model random:NAME`): the same weights on every node, token ids in and
 out, and the bench runs on them without a weight file."""
-import json, subprocess, sys
+import json, subprocess, sys, threading
 from pathlib import Path
 import grpc
+import numpy as np
 import pytest
 from exo_node.local_cluster import Cluster
 from conftest import PROMPT_IDS, exo_node, free_port, greedy, http
@@ -69,8 +70,6 @@ def test_bench_runs_a_shape_in_one_and_two_nodes(tmp_path):
 
 def test_a_warmed_engine_has_every_batch_size_captured_and_serves_batches_without_capturing():
   """--warm: the prefill step and decode passes of 1, 2 and 4 rows are captured at load, before any request."""
-  import threading
-  import numpy as np
   from exo_node.engine import Engine
   from exo_node.model.loader import load_shard
   e = Engine(lambda: load_shard(MODEL, 0, 4, max_context=256), max_batch=4)
