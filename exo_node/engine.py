@@ -244,6 +244,7 @@ class Engine:
       with self._lock: self._spare.extend(pads)
     self.decode_steps[len(admitted)] += 1
     mates = frozenset(d.request_id for d, _ in admitted)
+    with self._lock: self._mates.update((r, mates) for r in mates if r in self.sessions)  # not for one freed meanwhile
     for b, (d, s) in enumerate(admitted):
-      s.pos, self._mates[d.request_id] = d.start_pos + 1, mates
+      s.pos = d.start_pos + 1
       d.result.set_result(out[b])

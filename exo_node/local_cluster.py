@@ -70,7 +70,7 @@ class Cluster:
     p.popen = self._spawn(p.popen.args, p.log)
 
   def wait_ready(self, timeout: float = 300) -> list[pb.NodeInfo]:
-    """Until every node holds layers and together they cover the model exactly once."""
+    """Until every node holds layers, together they cover the model exactly once, and each sees all the others."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
       for p in self.procs:
@@ -79,9 +79,17 @@ class Cluster:
       except grpc.RpcError: infos = []
       if infos and all(i.end_layer > 0 for i in infos) and \
          sorted((i.start_layer, i.end_layer) for i in infos)[-1][1] == infos[0].n_layers and \
-         sum(i.end_layer - i.start_layer for i in infos) == infos[0].n_layers:
+         sum(i.end_layer - i.start_layer for i in infos) == infos[0].n_layers and \
+         all(len(i.peers) == len(infos) - 1 for i in infos):
         return infos
       time.sleep(0.3)
     raise TimeoutError("cluster not ready:\n" + "\n".join(p.log.read_text()[-1500:] for p in self.procs))
+
+  def sessions(self, procs: list[Proc] | None = None, settle: float = 5.0) -> list[int]:
+    """Active KV sessions per node once the frees in flight have landed: a request's End frame travels after its
+    last token, so a node may still hold the session just after the client has everything."""
+    deadline = time.monotonic() + settle
+    while any(n := [p.info().active_sessions for p in procs or self.procs]) and time.monotonic() < deadline: time.sleep(0.05)
+    return n
 
   def stop(self) -> None: terminate([p.popen for p in self.procs], grace=10)

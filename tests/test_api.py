@@ -128,7 +128,5 @@ def test_client_disconnect_frees_the_sessions_on_both_nodes(api):
   assert any(l.startswith(b"data: {") for l in lines)
   assert all(p.info().active_sessions == 1 for p in api.procs)
   conn.sock.close(); conn.close()
-  deadline = time.monotonic() + 10
-  while time.monotonic() < deadline and any(p.info().active_sessions for p in api.procs): time.sleep(0.1)
-  assert [p.info().active_sessions for p in api.procs] == [0, 0]
+  assert api.sessions(settle=10) == [0, 0]
   assert metrics(api.procs[0].url)["exo_inflight_requests{}"] == 0

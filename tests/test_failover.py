@@ -28,7 +28,7 @@ def test_killing_the_middle_node_mid_stream_loses_nothing(tmp_path, full_engine,
     assert events[-1][1]["choices"][0]["finish_reason"] == "length"
     resumed = next(t for t, e in events if t > killed and e.get("choices") and e["choices"][0]["text"])
     print(f"\nfailover: first token after the kill in {resumed - killed:.2f}s")
-    assert [p.info().active_sessions for p in (c.procs[0], c.procs[2])] == [0, 0]  # the failed request's KV is freed
+    assert c.sessions([c.procs[0], c.procs[2]]) == [0, 0]  # the failed request's KV is freed
     assert cluster_plan(url) == [("n0", 0, 15), ("n2", 15, 30)]  # and new requests use the survivors' plan
 
 
@@ -47,7 +47,7 @@ def test_when_the_survivors_cannot_hold_the_model_the_request_fails_fast_then_re
     assert t_err - killed < 5
     status, reply = http(url + "/v1/completions", body)
     assert status == 503 and "not enough memory" in reply["error"]["message"]
-    assert c.procs[0].info().active_sessions == 0
+    assert c.sessions([c.procs[0]]) == [0]
 
     c.restart(1)
     c.wait_ready()

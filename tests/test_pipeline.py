@@ -50,7 +50,7 @@ def test_four_concurrent_requests_on_two_nodes_all_complete(two_nodes, single_to
   with ThreadPoolExecutor(4) as pool:
     results = list(pool.map(lambda i: two_nodes.procs[i % 2].generate(PROMPT_IDS), range(4)))
   assert results == [single_tokens] * 4
-  assert all(p.info().active_sessions == 0 for p in two_nodes.procs)
+  assert two_nodes.sessions() == [0, 0]
 
 
 def _forward(proc, frames, timeout=30, hold=0.0):

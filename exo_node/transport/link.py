@@ -10,7 +10,10 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE = 256 * 1024 * 1024  # a prefill chunk of an 8B model's hidden state is ~0.5 MB; leave ample room
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE),
                    ("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 1000),
-                   ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+                   ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+                   # a peer that restarts is reachable again within a second, not after gRPC's default backoff (up to 120 s)
+                   ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 class Channels:
