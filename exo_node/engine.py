@@ -136,7 +136,8 @@ class Engine:
     their KV buffers (B x blocks). TinyJit only binds variables passed as top-level arguments."""
     B = x.shape[0]
     kv, per = rest[B:], len(rest[B:]) // B
-    return self.model(x, [Row(list(kv[b * per:(b + 1) * per]), rest[b]) for b in range(B)], n, span).realize()
+    # contiguous: the result is read raw from its buffer, and the CPU head leaves a transposed view (kernels.matmul_t)
+    return self.model(x, [Row(list(kv[b * per:(b + 1) * per]), rest[b]) for b in range(B)], n, span).contiguous().realize()
 
   def submit(self, fn: Callable[[], R]) -> Future[R]:
     return _TINYGRAD.submit(fn)
