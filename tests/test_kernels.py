@@ -3,7 +3,10 @@ chunk, leading axes), and a result that is read raw from its buffer, as the engi
 import numpy as np
 import pytest
 from tinygrad import Tensor
+from exo_node.engine import Engine
 from exo_node.model import host_io, kernels
+
+ENGINE = Engine()  # tinygrad runs on the engine's thread: its compile cache may only be used from the thread that opened it
 
 
 @pytest.mark.parametrize("lead", [(1,), (2,), (3,), (4,), (5,), (6,), (8,), (12,), (4, 1), (1, 4), (2, 3)])
@@ -11,13 +14,15 @@ def test_matmul_t_matches_numpy_for_every_row_count(lead):
   rng = np.random.default_rng(sum(lead))
   N, K = 96, 2 * kernels.LANES * 3
   x, w = rng.standard_normal((*lead, K)).astype(np.float32), rng.standard_normal((N, K)).astype(np.float16)
-  assert kernels.fits(Tensor(x), Tensor(w))
-  y = kernels.matmul_t(Tensor(x), Tensor(w)).contiguous().realize()
+  def run() -> tuple[bool, tuple, np.ndarray, np.ndarray]:
+    y = kernels.matmul_t(Tensor(x), Tensor(w)).contiguous().realize()
+    return kernels.fits(Tensor(x), Tensor(w)), y.shape, y.numpy(), host_io.read(y)
+  fits, shape, y, raw = ENGINE.submit(run).result()
   want = x @ w.astype(np.float32).T
-  assert y.shape == (*lead, N)
-  np.testing.assert_allclose(y.numpy(), want, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(host_io.read(y), want, rtol=1e-4, atol=1e-4)
+  assert fits and shape == (*lead, N)
+  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(raw, want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_row_length_that_is_not_a_multiple_of_the_lanes_takes_tinygrads_matmul():
-  assert not kernels.fits(Tensor.empty(1, kernels.LANES + 1), Tensor.empty(8, kernels.LANES + 1))
+  assert not ENGINE.submit(lambda: kernels.fits(Tensor.empty(1, kernels.LANES + 1), Tensor.empty(8, kernels.LANES + 1))).result()
