@@ -9,10 +9,15 @@ from exo_node.model import host_io, kernels
 ENGINE = Engine()  # tinygrad runs on the engine's thread: its compile cache may only be used from the thread that opened it
 
 
-@pytest.mark.parametrize("lead", [(1,), (2,), (3,), (4,), (5,), (6,), (8,), (12,), (4, 1), (1, 4), (2, 3)])
-def test_matmul_t_matches_numpy_for_every_row_count(lead):
-  rng = np.random.default_rng(sum(lead))
-  N, K = 96, 2 * kernels.LANES * 3
+SMALL = (96, 2 * kernels.LANES * 3)
+CASES = [(lead, *SMALL) for lead in [(1,), (2,), (3,), (4,), (5,), (6,), (8,), (12,), (4, 1), (1, 4), (2, 3)]] + [
+  ((8,), 16, 2048),    # weights in L2, 8 rows too long for one block: blocks of 2
+  ((8,), 1024, 1536)]  # weights past L2: one block of 8 all the same
+
+
+@pytest.mark.parametrize("lead,N,K", CASES)
+def test_matmul_t_matches_numpy_for_every_row_count(lead, N, K):
+  rng = np.random.default_rng(sum(lead) + N)
   x, w = rng.standard_normal((*lead, K)).astype(np.float32), rng.standard_normal((N, K)).astype(np.float16)
   def run() -> tuple[bool, tuple, np.ndarray, np.ndarray]:
     y = kernels.matmul_t(Tensor(x), Tensor(w)).contiguous().realize()
@@ -20,8 +25,8 @@ def test_matmul_t_matches_numpy_for_every_row_count(lead):
   fits, shape, y, raw = ENGINE.submit(run).result()
   want = x @ w.astype(np.float32).T
   assert fits and shape == (*lead, N)
-  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(raw, want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(y, want, rtol=1e-4, atol=2e-4)
+  np.testing.assert_allclose(raw, want, rtol=1e-4, atol=2e-4)
 
 
 def test_a_row_length_that_is_not_a_multiple_of_the_lanes_takes_tinygrads_matmul():
