@@ -1,5 +1,5 @@
-"""The CPU matrix kernel against numpy: every row-block size, the shapes a step passes it (a batch of rows, a prefill
-chunk, leading axes), and a result that is read raw from its buffer, as the engine reads a step's output."""
+"""The CPU matrix kernel on packed weights against numpy: every row-block size, the shapes a step passes it (a batch of
+rows, a prefill chunk, leading axes), and a result that is read raw from its buffer, as the engine reads a step's output."""
 import numpy as np
 import pytest
 from tinygrad import Tensor
@@ -9,10 +9,10 @@ from exo_node.model import host_io, kernels
 ENGINE = Engine()  # tinygrad runs on the engine's thread: its compile cache may only be used from the thread that opened it
 
 
-SMALL = (96, 2 * kernels.LANES * 3)
+SMALL = (6 * kernels.BLOCK, 100)
 CASES = [(lead, *SMALL) for lead in [(1,), (2,), (3,), (4,), (5,), (6,), (8,), (12,), (4, 1), (1, 4), (2, 3)]] + [
-  ((8,), 16, 2048),    # weights in L2, 8 rows too long for one block: blocks of 2
-  ((8,), 1024, 1536)]  # weights past L2: one block of 8 all the same
+  ((8,), kernels.BLOCK, 2048),  # rows longer than the prefetch distance: it reaches past the end of the weights
+  ((8,), 1024, 1536)]
 
 
 @pytest.mark.parametrize("lead,N,K", CASES)
@@ -20,14 +20,15 @@ def test_matmul_t_matches_numpy_for_every_row_count(lead, N, K):
   rng = np.random.default_rng(sum(lead) + N)
   x, w = rng.standard_normal((*lead, K)).astype(np.float32), rng.standard_normal((N, K)).astype(np.float16)
   def run() -> tuple[bool, tuple, np.ndarray, np.ndarray]:
-    y = kernels.matmul_t(Tensor(x), Tensor(w)).contiguous().realize()
-    return kernels.fits(Tensor(x), Tensor(w)), y.shape, y.numpy(), host_io.read(y)
-  fits, shape, y, raw = ENGINE.submit(run).result()
+    assert kernels.packs(wt := Tensor(w))
+    y = kernels.matmul_t(Tensor(x), kernels.pack(wt)).contiguous().realize()
+    return y.shape, y.numpy(), host_io.read(y)
+  shape, y, raw = ENGINE.submit(run).result()
   want = x @ w.astype(np.float32).T
-  assert fits and shape == (*lead, N)
+  assert shape == (*lead, N)
   np.testing.assert_allclose(y, want, rtol=1e-4, atol=2e-4)
   np.testing.assert_allclose(raw, want, rtol=1e-4, atol=2e-4)
 
 
-def test_a_row_length_that_is_not_a_multiple_of_the_lanes_takes_tinygrads_matmul():
-  assert not ENGINE.submit(lambda: kernels.fits(Tensor.empty(1, kernels.LANES + 1), Tensor.empty(8, kernels.LANES + 1))).result()
+def test_a_matrix_whose_rows_do_not_fill_whole_blocks_stays_unpacked_for_tinygrads_matmul():
+  assert not ENGINE.submit(lambda: kernels.packs(Tensor.empty(kernels.BLOCK + 8, 64))).result()

@@ -27,7 +27,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
   return (scores if mask is None else scores + mask).softmax(-1).contiguous() @ v
 
 
-def linear(x: Tensor, w: Tensor) -> Tensor: return kernels.matmul_t(x, w) if kernels.fits(x, w) else x.matmul(w.T)
+def linear(x: Tensor, w: Tensor) -> Tensor: return kernels.matmul_t(x, w) if kernels.is_packed(w) else x.matmul(w.T)
 
 
 @dataclass

@@ -6,7 +6,7 @@ import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType, _to_np_dtype
 from exo_node.errors import ModelError
-from exo_node.model import host_io
+from exo_node.model import host_io, kernels
 from exo_node.model.gguf import GGUFWeights
 from exo_node.model.llama import Block, ShardModel
 from exo_node.model.random_weights import RandomWeights, is_random
@@ -18,6 +18,7 @@ BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_
 OPTIONAL_TENSORS = ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_q_norm.weight", "attn_k_norm.weight")
 Weights = GGUFWeights | SafetensorsWeights | RandomWeights
 WDTYPE = dtypes.half  # on every backend: decode streams the weights, and on the CPU kernels.matmul_t widens them in registers
+VECTORS = ("norm", "bias")  # block tensors that are not matrices
 
 
 def open_weights(model: str | Path) -> Weights:
@@ -41,17 +42,21 @@ def load_shard(model: str | Path | Weights, start: int, end: int, device: str | 
       return host_io.upload(a.astype(npd), dtype, dev)
     return w.load(name, dev).cast(dtype).contiguous()
 
+  def matrix(name: str) -> Tensor:
+    """A weight matrix, packed for the CPU kernel where it takes it."""
+    return kernels.pack(t) if kernels.packs(t := get(name)) else t
+
   t0, blocks = time.monotonic(), []
   for i in range(start, end):
     names = [f"{n}.weight" for n in BLOCK_TENSORS] + [n for n in OPTIONAL_TENSORS if w.has(f"blk.{i}.{n}")]
-    blocks.append(Block(cfg, {n: get(f"blk.{i}.{n}", dtypes.float32 if "norm" in n or "bias" in n else wdtype) for n in names}))
+    blocks.append(Block(cfg, {n: get(f"blk.{i}.{n}", dtypes.float32) if any(v in n for v in VECTORS) else matrix(f"blk.{i}.{n}") for n in names}))
     Tensor.realize(*blocks[-1].w.values())
     log.info("loaded block %d/%d (layers %d..%d)", i - start + 1, end - start, start, end - 1)
   embed = None if start else w.host("token_embd.weight")
   if start == 0 and embed is None: embed = w.load("token_embd.weight", dev).cast(dtypes.float32).numpy()
   norm = head = None
   if end == cfg.n_layers:
-    norm, head = get("output_norm.weight", dtypes.float32), get("output.weight" if w.has("output.weight") else "token_embd.weight")
+    norm, head = get("output_norm.weight", dtypes.float32), matrix("output.weight" if w.has("output.weight") else "token_embd.weight")
     Tensor.realize(norm, head)
   log.info("shard [%d, %d) of %s ready in %.1fs", start, end, cfg.arch, time.monotonic() - t0)
   return ShardModel(cfg, start, end, blocks, embed, norm, head, min(max_context, cfg.context_length))
