@@ -25,7 +25,7 @@ class NodeConfig:
   api_key: str | None = None
   max_context: int = 4096
   max_sessions: int = 16
-  max_batch: int = 4
+  max_batch: int = 8
   warm: bool = False  # capture every decode batch size at load, not at first use
   drain_timeout: float = 10.0
   beam: int = 0

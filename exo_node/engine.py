@@ -64,7 +64,7 @@ class Decode:
 
 class Engine:
   def __init__(self, load: Callable[[], ShardModel] | None = None, max_sessions: int = 16, chunk: int | None = None,
-               max_batch: int = 4, gather_s: float = GATHER_S):
+               max_batch: int = 8, gather_s: float = GATHER_S):
     """chunk: prompt positions per prefill step (default: prefill_chunk of the model's device)."""
     self.max_sessions, self.max_batch, self.gather_s = max_sessions, max_batch, gather_s
     self._chunk, self.chunk = chunk, 0  # chunk is set with the model
