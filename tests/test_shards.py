@@ -169,3 +169,26 @@ def test_in_a_pipeline_of_two_shards_four_waiting_steps_run_as_two_passes_of_two
   assert [int(np.argmax(f.result())) for f in steps] == [want[1]] * 4
   assert full_engine.decode_steps[2] == before.get(2, 0) + 2 and full_engine.decode_steps[4] == before.get(4, 0)
   for r in logits: full_engine.free(r)
+
+
+@pytest.mark.parametrize("shard", [(0, 30), (10, 20)])
+def test_a_short_prompt_among_waiting_steps_runs_as_rows_of_their_passes(weights, full_engine, shard):
+  """A prompt that arrives while another request's step waits takes one position per pass, the first as a row of
+  that step's pass, and returns what a prefill chunk returns: the logits, or a middle shard's hidden state of
+  every position."""
+  start, end = shard
+  e = full_engine if shard == (0, 30) else Engine(lambda: load_shard(weights, start, end, max_context=256))
+  prompt = np.array(PROMPT_IDS) if start == 0 else np.random.default_rng(0).standard_normal((5, e.model.cfg.dim)).astype(np.float32)
+  chunked = e.forward("alone", 0, prompt).result()
+  e.free("alone")
+  e.forward("a", 0, prompt).result()
+  gate = threading.Event()
+  e.submit(gate.wait)  # "a"'s step waits in the queue when "b" arrives
+  before = dict(e.decode_steps)
+  step = e.forward("a", len(prompt), prompt[:1])
+  rows = e.forward("b", 0, prompt)
+  gate.set()
+  np.testing.assert_allclose(rows.result(timeout=120), chunked, rtol=1e-4, atol=1e-3)
+  step.result(timeout=120)
+  assert {k: v - before.get(k, 0) for k, v in e.decode_steps.items() if v != before.get(k, 0)} == {2: 1, 1: len(prompt) - 1}
+  for r in ("a", "b"): e.free(r)

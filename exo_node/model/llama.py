@@ -75,7 +75,11 @@ class Block:
 
   def attend(self, q: Tensor, k: Tensor, v: Tensor, rows: list[Row], i: int, s: Span) -> Tensor:
     """Each row's new K/V goes into its own cache at its own position; then one attention over all rows."""
-    q, k, T = rope(q, s.cos, s.sin).contiguous(), rope(k, s.cos, s.sin), q.shape[2]
+    q, k, T = rope(q, s.cos, s.sin), rope(k, s.cos, s.sin), q.shape[2]
+    # a decode step's query is realized first: fused into the score product, its rotation was recomputed at every cache
+    # position (8 rows at span 20: 14.8 -> 13.7 ms). A prefill chunk's fused product is the faster one (64 tokens: 133
+    # against 177 ms)
+    if T == 1: q = q.contiguous()
     caches = [self.cache(r.kv[i]) for r in rows]
     for b, (r, kv) in enumerate(zip(rows, caches)):
       kv[:, :, :, r.start_pos:r.start_pos + T, :].assign(Tensor.stack(k[b:b + 1], v[b:b + 1]).cast(kv.dtype)).realize()
