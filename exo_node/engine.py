@@ -76,6 +76,7 @@ class Engine:
     self.decode_steps: Counter[int] = Counter()  # forward passes by batch size, for /metrics
     self._lock = threading.Condition()  # guards sessions and the queue; notified when a step joins the queue
     self._mates: dict[str, frozenset[str]] = {}  # request -> the requests of the last pass it ran in
+    self._deferred: list[Callable[[], None]] = []  # see defer
     if load is not None: self.load(load).result()
 
   def load(self, load: Callable[[], ShardModel]) -> Future[ShardModel]:
@@ -120,7 +121,21 @@ class Engine:
     jit = self._jit(kind, len(x))
     if (inp := self._inputs.get(jit)) is None: inp = self._inputs[jit] = Tensor.empty(*x.shape, device=self.model.device).realize()
     host_io.write(inp, x.astype(np.float32, copy=False))
-    return host_io.read(replay(jit, inp, *args))
+    out = replay(jit, inp, *args)
+    self._run_deferred()
+    return host_io.read(out)
+
+  def defer(self, fn: Callable[[], None]) -> None:
+    """fn runs on the engine thread once the next pass is under way (its kernels launched), or, with no step
+    waiting, after the current job. For work that wakes the event loop: woken before, the loop holds the GIL while
+    the pass starts."""
+    with self._lock:
+      self._deferred.append(fn)
+      if len(self._deferred) == 1 and not self._decodes: self.submit(self._run_deferred)
+
+  def _run_deferred(self) -> None:
+    with self._lock: fns, self._deferred = self._deferred, []
+    for fn in fns: fn()
 
   def _chunk_pass(self, x: np.ndarray, start: int, kv: list[Tensor]) -> np.ndarray:
     """One prefill step: up to chunk positions x (T, dim) from position start, padded to the captured size."""
@@ -230,6 +245,12 @@ class Engine:
     return next((b for b in captured if n <= b <= 2 * n), 1 << (n.bit_length() - 1)) if n else 0
 
   def _drain(self) -> None:
+    try: self._next_pass()
+    finally:
+      with self._lock: idle = not self._decodes
+      if idle: self._run_deferred()
+
+  def _next_pass(self) -> None:
     """Takes the waiting single-token steps of distinct requests, as many as one pass takes (`_rows`). The oldest
     waiting step holds the pass for up to gather_s from its arrival while the other requests of its last pass come
     back: the steps of one pass return one after another, and without the wait the first would run alone and the
@@ -249,6 +270,7 @@ class Engine:
         coming = {r for r in self._mates.get(batch[0].request_id, ()) if r in self.sessions} - {d.request_id for d in batch}
         if len(batch) == cap or not coming: break
         if (left := batch[0].at + self.gather_s - time.monotonic()) <= 0: break
+        self._run_deferred()
         self._lock.wait(left)
       self._decodes = [d for d in self._decodes if d not in batch]
     admitted = []

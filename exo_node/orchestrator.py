@@ -98,6 +98,8 @@ class Orchestrator:
     tokens: asyncio.Queue = asyncio.Queue()
     prefix, left = [*prompt, *done], s.max_tokens - len(done)
     local = plan.first.node_id == self.node_id
+    alone = local and len(plan.shards) == 1  # the engine thread runs the steps back to back (Stage.chain)
+    more = lambda step, tok: tok not in stop_ids and step + 1 < left
     link: Link | None = None
     steps: set[asyncio.Task] = set()  # on a local first shard each step is a task; its error arrives as a token
 
@@ -112,7 +114,7 @@ class Orchestrator:
     def arrive(step: int, tok: int | Exception) -> None:
       """The next step is fed the moment a token arrives, before this loop runs anything else: the tokens of a
       decode batch come back one after another, and the batch runs again only once each of them is fed."""
-      if not isinstance(tok, Exception) and tok not in stop_ids and step + 1 < left:
+      if not alone and not isinstance(tok, Exception) and more(step, tok):
         try: feed(step + 1, len(prefix) + step, [tok])
         except ExoError as e: tok = e
       tokens.put_nowait((step, tok))
@@ -121,7 +123,8 @@ class Orchestrator:
     try:
       if local: await self.stage.open(header)
       else: link = Link(self.stage.channels, plan.first.address, header, lambda err: self.stage.fail(rid, err))
-      feed(0, 0, prefix)
+      if alone: self.stage.chain(rid, np.asarray(prefix, dtype=np.int64), more)
+      else: feed(0, 0, prefix)
       for step in range(left):
         try: _, tok = await asyncio.wait_for(tokens.get(), STEP_TIMEOUT)
         except asyncio.TimeoutError: raise GenerationError(f"request {rid}: no token from the pipeline in {STEP_TIMEOUT:.0f}s") from None
