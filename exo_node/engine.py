@@ -165,7 +165,7 @@ class Engine:
     prompts while other requests are in flight (_prompt_rows). stages: the shards of the request's pipeline."""
     if len(data) == 1: return self._enqueue(Decode(request_id, start_pos, data, Future(), stages))
     with self._lock:
-      if len(data) <= self.chunk and (self._prefills or self._decodes or self._in_pass):
+      if stages == 1 and len(data) <= self.chunk and (self._prefills or self._decodes or self._in_pass):
         return self._prompt_rows(request_id, start_pos, data, stages)
       self._prefills += 1
     def prefill() -> np.ndarray:
@@ -185,7 +185,9 @@ class Engine:
     """A short prompt while other requests' steps wait or run, or other prompts do: one position per pass, as a row
     of the passes they run anyway, not a pass of its own that stalls them all (8 prompts of 4 tokens at once on a
     CPU: one chunk, then 4 passes of 8 rows, ~65 ms, against 8 chunks one after another, ~100 ms). Idle sessions do
-    not count: alone, one pass per position costs up to ~5x one chunk. Same result as _prefill."""
+    not count: alone, one pass per position costs up to ~5x one chunk. Not in a pipeline: a pass there takes a share
+    of the requests, and every shard would add the rows' wait (4 streams on 2 nodes: time to first token 42 -> 99
+    ms). Same result as _prefill."""
     done, outs = Future(), []
     def step(i: int) -> None:
       self._enqueue(Decode(request_id, start_pos + i, data[i:i + 1], Future(), stages)).add_done_callback(lambda f: advance(i, f))
