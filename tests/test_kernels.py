@@ -1,8 +1,9 @@
-"""The CPU matrix kernel on packed weights against numpy: every row-block size, the shapes a step passes it (a batch of
-rows, a prefill chunk, leading axes), and a result that is read raw from its buffer, as the engine reads a step's output."""
+"""The CPU kernels against numpy. The matrix kernel on packed weights: every row-block size, the shapes a step passes
+it (a batch of rows, a prefill chunk, leading axes), and a result read raw from its buffer, as the engine reads a
+step's output. The decode score kernel: each row's own cache, any span."""
 import numpy as np
 import pytest
-from tinygrad import Tensor
+from tinygrad import Tensor, dtypes
 from exo_node.engine import Engine
 from exo_node.model import host_io, kernels
 
@@ -32,3 +33,20 @@ def test_matmul_t_matches_numpy_for_every_row_count(lead, N, K):
 
 def test_a_matrix_whose_rows_do_not_fill_whole_blocks_stays_unpacked_for_tinygrads_matmul():
   assert not ENGINE.submit(lambda: kernels.packs(Tensor.empty(kernels.BLOCK + 8, 64))).result()
+
+
+@pytest.mark.parametrize("rows,span", [(1, 1), (1, 5), (2, 20), (3, 37), (8, 64), (8, 125)])
+def test_scores_match_numpy_over_each_rows_cache_for_any_span(rows, span):
+  """Decode scores against every row's own flat K|V cache, for spans that fill whole blocks of positions and ones
+  that do not, up to the cache's end (P = span + SCORE_POSITIONS - 1 in the last case)."""
+  n_kv, G, D = 3, 3, 64
+  P = max(span, 64) + kernels.SCORE_POSITIONS - 1
+  rng = np.random.default_rng(rows * 1000 + span)
+  q = rng.standard_normal((rows, n_kv * G, D)).astype(np.float32)
+  caches = [rng.standard_normal(2 * n_kv * P * D).astype(np.float32) for _ in range(rows)]
+  def run() -> np.ndarray:
+    count = host_io.upload(np.array([span], np.int32), dtypes.int32, "CPU")
+    return kernels.scores(Tensor(q), [Tensor(c) for c in caches], count, n_kv).realize().numpy()[:, :, :span]
+  keys = [np.repeat(c[:n_kv * P * D].reshape(n_kv, P, D)[:, :span], G, axis=0) for c in caches]
+  want = np.stack([np.einsum("hd,hpd->hp", q[b], keys[b]) for b in range(rows)]) / np.sqrt(D)
+  np.testing.assert_allclose(ENGINE.submit(run).result(), want, rtol=1e-4, atol=1e-4)
