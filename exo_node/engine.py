@@ -144,7 +144,7 @@ class Engine:
 
   def _decode_pass(self, x: np.ndarray, starts: list[int], caches: list[list[Tensor]]) -> np.ndarray:
     """One decode pass: row b of x (B, 1, dim) at position starts[b] of caches[b], all over the longest span."""
-    self.model.set_span(max(starts) + 1)
+    self.model.set_counts(starts)
     return self._run("decode", x, 1, self._vspan.bind(max(starts) + 1), *(self._vpos[b].bind(p) for b, p in enumerate(starts)),
                      *(t for kv in caches for t in kv))
 

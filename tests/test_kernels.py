@@ -1,6 +1,6 @@
 """The CPU kernels against numpy. The matrix kernel on packed weights: every row-block size, the shapes a step passes
 it (a batch of rows, a prefill chunk, leading axes), and a result read raw from its buffer, as the engine reads a
-step's output. The decode score kernel: each row's own cache, any span."""
+step's output. The decode attention kernels: each row's own cache and length."""
 import numpy as np
 import pytest
 from tinygrad import Tensor, dtypes
@@ -36,17 +36,23 @@ def test_a_matrix_whose_rows_do_not_fill_whole_blocks_stays_unpacked_for_tinygra
 
 
 @pytest.mark.parametrize("rows,span", [(1, 1), (1, 5), (2, 20), (3, 37), (8, 64), (8, 125)])
-def test_scores_match_numpy_over_each_rows_cache_for_any_span(rows, span):
-  """Decode scores against every row's own flat K|V cache, for spans that fill whole blocks of positions and ones
-  that do not, up to the cache's end (P = span + SCORE_POSITIONS - 1 in the last case)."""
+def test_decode_attention_matches_numpy_over_each_rows_own_cache_and_length(rows, span):
+  """Scores, then softmax times values, against every row's own flat K|V cache over its own length: lengths that
+  fill whole blocks of positions and ones that do not, up to the cache's end (P = span + SCORE_POSITIONS - 1)."""
   n_kv, G, D = 3, 3, 64
   P = max(span, 64) + kernels.SCORE_POSITIONS - 1
   rng = np.random.default_rng(rows * 1000 + span)
   q = rng.standard_normal((rows, n_kv * G, D)).astype(np.float32)
   caches = [rng.standard_normal(2 * n_kv * P * D).astype(np.float32) for _ in range(rows)]
-  def run() -> np.ndarray:
-    count = host_io.upload(np.array([span], np.int32), dtypes.int32, "CPU")
-    return kernels.scores(Tensor(q), [Tensor(c) for c in caches], count, n_kv).realize().numpy()[:, :, :span]
-  keys = [np.repeat(c[:n_kv * P * D].reshape(n_kv, P, D)[:, :span], G, axis=0) for c in caches]
-  want = np.stack([np.einsum("hd,hpd->hp", q[b], keys[b]) for b in range(rows)]) / np.sqrt(D)
-  np.testing.assert_allclose(ENGINE.submit(run).result(), want, rtol=1e-4, atol=1e-4)
+  counts = np.array([span - (b % 3) * (span // 3) for b in range(rows)], np.int32)  # rows of different lengths
+  def run() -> tuple[np.ndarray, np.ndarray]:
+    c, flat = host_io.upload(counts, dtypes.int32, "CPU"), [Tensor(x) for x in caches]
+    s = kernels.scores(Tensor(q), flat, c, n_kv).realize()
+    return s.numpy(), kernels.attend(s, flat, c, n_kv).realize().numpy()
+  scores, out = ENGINE.submit(run).result()
+  for b, n in enumerate(counts):
+    k, v = (np.repeat(caches[b][j * n_kv * P * D:(j + 1) * n_kv * P * D].reshape(n_kv, P, D)[:, :n], G, axis=0) for j in (0, 1))
+    want = np.einsum("hd,hpd->hp", q[b], k) / np.sqrt(D)
+    np.testing.assert_allclose(scores[b, :, :n], want, rtol=1e-4, atol=1e-4)
+    w = np.exp(want - want.max(-1, keepdims=True))
+    np.testing.assert_allclose(out[b], np.einsum("hp,hpd->hd", w / w.sum(-1, keepdims=True), v), rtol=1e-4, atol=1e-5)

@@ -9,6 +9,8 @@ from exo_node.device import is_cpu
 from exo_node.model import host_io, kernels
 from exo_node.model.config import ModelConfig
 
+MAX_ROWS = 64  # rows of a decode step that kernels.scores/attend take (--max-batch is at most 16)
+
 
 def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
   return (x * (x.square().mean(-1, keepdim=True) + eps).rsqrt()) * w
@@ -20,14 +22,11 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-  """Grouped-query attention."""
-  return weighted(q @ k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).transpose(-2, -1) * (q.shape[-1] ** -0.5), v, mask)
-
-
-def weighted(scores: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-  """The softmax is realized on its own: fused into the product with V (tinygrad's scaled_dot_product_attention),
-  every output lane recomputed the exps, which made it the slowest kernel of a step."""
-  return (scores if mask is None else scores + mask).softmax(-1).contiguous() @ v.repeat_interleave(scores.shape[1] // v.shape[1], dim=1)
+  """Grouped-query attention with the softmax realized on its own: fused into the product with V (tinygrad's
+  scaled_dot_product_attention), every output lane recomputed the exps, which made it the slowest kernel of a step."""
+  k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+  scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5)
+  return (scores if mask is None else scores + mask).softmax(-1).contiguous() @ v
 
 
 def linear(x: Tensor, w: Tensor) -> Tensor: return kernels.matmul_t(x, w) if kernels.is_packed(w) else x.matmul(w.T)
@@ -48,7 +47,7 @@ class Span:
   mask: Tensor | None
   cos: Tensor
   sin: Tensor
-  count: Tensor | None = None  # length again, in a buffer, for kernels.scores (decode steps on a CPU)
+  counts: Tensor | None = None  # each row's positions to attend, in a buffer, for kernels.scores/attend (CPU decode)
 
 
 @dataclass
@@ -87,14 +86,12 @@ class Block:
     caches = [self.cache(r.kv[i]) for r in rows]
     for b, (r, kv) in enumerate(zip(rows, caches)):
       kv[:, :, :, r.start_pos:r.start_pos + T, :].assign(Tensor.stack(k[b:b + 1], v[b:b + 1]).cast(kv.dtype)).realize()
-    values = Tensor.cat(*(kv[1, :, :, 0:s.length, :] for kv in caches)).cast(q.dtype)
-    if len(rows) > 1: values = values.contiguous()  # one copy, not a gather inside the product
-    if s.count is not None:
-      B, H, _, D = q.shape
-      scores = kernels.scores(q.reshape(B, H, D), [r.kv[i] for r in rows], s.count, self.cfg.n_kv_heads)
-      return weighted(scores[:, :, 0:s.length].reshape(B, H, 1, s.length), values, s.mask)
-    keys = Tensor.cat(*(kv[0, :, :, 0:s.length, :] for kv in caches)).cast(q.dtype)
-    return attention(q, keys.contiguous() if len(rows) > 1 else keys, values, s.mask)
+    if s.counts is not None:  # a decode step on a CPU: our kernels, straight from each row's cache
+      (B, H, _, D), flat, n_kv = q.shape, [r.kv[i] for r in rows], self.cfg.n_kv_heads
+      return kernels.attend(kernels.scores(q.reshape(B, H, D), flat, s.counts, n_kv), flat, s.counts, n_kv).reshape(B, H, 1, D)
+    keys, values = (Tensor.cat(*(kv[j, :, :, 0:s.length, :] for kv in caches)).cast(q.dtype) for j in (0, 1))
+    if len(rows) > 1: keys, values = keys.contiguous(), values.contiguous()  # one copy, not a gather inside the products
+    return attention(q, keys, values, s.mask)
 
 
 class ShardModel:
@@ -116,12 +113,14 @@ class ShardModel:
                           for f in (np.cos(angles), np.sin(angles)))
     # positions for the causal mask: tinygrad's arange (and so triu) is a cumsum, a span x span reduce in every step
     self.positions = Tensor(np.arange(2 * max_context, dtype=np.int32), device=self.device).realize()
-    # a decode step's span, for kernels.scores: set_span writes it before each step
-    self.count = host_io.upload(np.ones(1, np.int32), dtypes.int32, self.device) \
+    # a decode step's rows' lengths, for kernels.scores/attend: set_counts writes them before each step
+    self.counts = host_io.upload(np.ones(MAX_ROWS, np.int32), dtypes.int32, self.device) \
       if kernels.scores_apply(self.device, cfg.head_dim) and self.kv_dtype == dtypes.float32 else None
 
-  def set_span(self, n: int) -> None:
-    if self.count is not None: host_io.write(self.count, np.array([n], np.int32))
+  def set_counts(self, starts: list[int]) -> None:
+    if self.counts is None: return
+    assert len(starts) <= MAX_ROWS, f"a decode step takes at most {MAX_ROWS} rows"
+    host_io.write(self.counts, np.array([p + 1 for p in starts] + [1] * (MAX_ROWS - len(starts)), np.int32))
 
   @property
   def is_first(self) -> bool: return self.start == 0
@@ -132,7 +131,7 @@ class ShardModel:
     """One buffer per block (a single buffer for all blocks makes every cache write touch all of them), flat (a
     flat buffer is what TinyJit checks fastest, on every call, for every input); Block.cache gives it its shape."""
     c = self.cfg
-    if self.count is not None: pad = max(pad, kernels.SCORE_POSITIONS - 1)  # kernels.scores reads whole blocks of positions
+    if self.counts is not None: pad = max(pad, kernels.SCORE_POSITIONS - 1)  # kernels.scores reads whole blocks of positions
     n = 2 * c.n_kv_heads * (self.max_context + pad) * c.head_dim
     return [host_io.zeros(n, self.kv_dtype, self.device) for _ in self.blocks]
 
@@ -149,7 +148,7 @@ class ShardModel:
     mask = None if len(rows) == 1 and T == 1 else Tensor.cat(*(
       (keys > (self.positions[0:T] + r.start_pos).reshape(1, 1, T, 1)).where(float("-inf"), 0.0).cast(x.dtype) for r in rows))
     angles = lambda f: Tensor.cat(*(f[r.start_pos:r.start_pos + T].reshape(1, 1, T, -1) for r in rows))
-    s = Span(span, mask, angles(self.cos), angles(self.sin), self.count if T == 1 else None)
+    s = Span(span, mask, angles(self.cos), angles(self.sin), self.counts if T == 1 else None)
     for i, blk in enumerate(self.blocks): x = blk(x, rows, i, s)
     if not self.is_last: return x
     return linear(rms_norm(x[:, n - 1, :], self.norm, self.cfg.norm_eps), self.head)
