@@ -140,6 +140,7 @@ class Engine:
   def _chunk_pass(self, x: np.ndarray, start: int, kv: list[Tensor]) -> np.ndarray:
     """One prefill step: up to chunk positions x (T, dim) from position start, padded to the captured size."""
     padded = np.zeros((self.chunk, x.shape[1]), np.float32); padded[:len(x)] = x
+    self.model.set_counts([start + t for t in range(self.chunk)])  # position t attends through start + t
     return self._run("prefill", padded[None], self._vn.bind(len(x)), None, self._vpos[0].bind(start), *kv)
 
   def _decode_pass(self, x: np.ndarray, starts: list[int], caches: list[list[Tensor]]) -> np.ndarray:

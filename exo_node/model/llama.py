@@ -86,9 +86,12 @@ class Block:
     caches = [self.cache(r.kv[i]) for r in rows]
     for b, (r, kv) in enumerate(zip(rows, caches)):
       kv[:, :, :, r.start_pos:r.start_pos + T, :].assign(Tensor.stack(k[b:b + 1], v[b:b + 1]).cast(kv.dtype)).realize()
-    if s.counts is not None:  # a decode step on a CPU: our kernels, straight from each row's cache
-      (B, H, _, D), flat, n_kv = q.shape, [r.kv[i] for r in rows], self.cfg.n_kv_heads
-      return kernels.attend(kernels.scores(q.reshape(B, H, D), flat, s.counts, n_kv), flat, s.counts, n_kv).reshape(B, H, 1, D)
+    if s.counts is not None:  # on a CPU: our kernels, straight from each row's cache; a chunk's positions act as rows
+      (B, H, _, D), n_kv = q.shape, self.cfg.n_kv_heads
+      flat = [r.kv[i] for r in rows] if T == 1 else [rows[0].kv[i]] * T
+      q = q.reshape(B, H, D) if T == 1 else q[0].transpose(0, 1)
+      out = kernels.attend(kernels.scores(q, flat, s.counts, n_kv), flat, s.counts, n_kv)
+      return out.reshape(B, H, 1, D) if T == 1 else out.transpose(0, 1).reshape(1, H, T, D)
     keys, values = (Tensor.cat(*(kv[j, :, :, 0:s.length, :] for kv in caches)).cast(q.dtype) for j in (0, 1))
     if len(rows) > 1: keys, values = keys.contiguous(), values.contiguous()  # one copy, not a gather inside the products
     return attention(q, keys, values, s.mask)
@@ -148,7 +151,7 @@ class ShardModel:
     mask = None if len(rows) == 1 and T == 1 else Tensor.cat(*(
       (keys > (self.positions[0:T] + r.start_pos).reshape(1, 1, T, 1)).where(float("-inf"), 0.0).cast(x.dtype) for r in rows))
     angles = lambda f: Tensor.cat(*(f[r.start_pos:r.start_pos + T].reshape(1, 1, T, -1) for r in rows))
-    s = Span(span, mask, angles(self.cos), angles(self.sin), self.counts if T == 1 else None)
+    s = Span(span, mask, angles(self.cos), angles(self.sin), self.counts if T == 1 or len(rows) == 1 else None)
     for i, blk in enumerate(self.blocks): x = blk(x, rows, i, s)
     if not self.is_last: return x
     return linear(rms_norm(x[:, n - 1, :], self.norm, self.cfg.norm_eps), self.head)
