@@ -25,10 +25,14 @@ ROW_BLOCKS = (8, 4, 2, 1)  # input rows sharing one pass over the weights: 8 acc
 PREFETCH = 16 * 1024  # bytes ahead in the weights: 2 KB streamed at 55% of the speed of 8 KB, 8-16 KB the same
 
 
+def renders_c(device: str) -> bool:
+  """Our kernels are for the CPU backend rendering C: the prefetch is a C expression, the lanes a loop clang vectorizes."""
+  return is_cpu(device) and isinstance(Device[device].renderer, ClangRenderer)
+
+
 def packs(w: Tensor) -> bool:
   """Whether a weight matrix takes this kernel, and so is packed when it loads."""
-  return (is_cpu(w.device) and isinstance(Device[w.device].renderer, ClangRenderer) and len(w.shape) == 2
-          and w.shape[0] % BLOCK == 0)
+  return renders_c(w.device) and len(w.shape) == 2 and w.shape[0] % BLOCK == 0
 
 
 def pack(w: Tensor) -> Tensor:
@@ -68,8 +72,8 @@ SCORE_POSITIONS = 4  # cache positions per pass of the score kernel: 4 x G vecto
 
 
 def scores_apply(device: str, head_dim: int) -> bool:
-  """Whether a decode step's attention scores take `scores` (the key cache must be float32, as it is on the CPU)."""
-  return is_cpu(device) and isinstance(Device[device].renderer, ClangRenderer) and head_dim % BLOCK == 0
+  """Whether attention takes `scores` and `attend` (the cache must be float32, as it is on the CPU)."""
+  return renders_c(device) and head_dim % BLOCK == 0
 
 
 def scores(q: Tensor, caches: list[Tensor], counts: Tensor, n_kv: int) -> Tensor:
@@ -80,7 +84,7 @@ def scores(q: Tensor, caches: list[Tensor], counts: Tensor, n_kv: int) -> Tensor
   tinygrad's own score product ran one serial chain of D multiply-adds per score: its heuristics upcast no axis of a
   kernel whose concrete output axes hold fewer than 1024 elements, and the span axis is symbolic (8 rows at span 20:
   ~45 us a block, at span 500 ~0.7 ms). Here 16 lanes over d for SCORE_POSITIONS positions x G query heads at once,
-  the lanes summed as a tree (8 rows: ~5 us at span 20, ~85 us at span 500). The span is read from a buffer: a
+  the lanes summed as a tree (8 rows: ~5 us at span 20, ~85 us at span 500). The counts are read from a buffer: a
   bound variable cannot be a custom kernel's loop bound in tinygrad 0.14, and the kernel declares no op counts,
   which tinygrad could not infer for a bound it cannot see. The tag marks the kernel as already optimized."""
   B, H, D = q.shape
@@ -105,7 +109,6 @@ def scores(q: Tensor, caches: list[Tensor], counts: Tensor, n_kv: int) -> Tensor
     return UOp.group(*ends).sink(arg=KernelInfo(name=f"scores_{B}_{H}_{D}", opts_to_apply=(), estimates=Estimates()), tag=1)
 
   return Tensor.custom_kernel(Tensor.empty(B, H, P, device=q.device), q.contiguous(), counts, *caches, fxn=kernel)[0]
-
 
 
 def attend(scores: Tensor, caches: list[Tensor], counts: Tensor, n_kv: int) -> Tensor:

@@ -9,7 +9,7 @@ from exo_node.device import is_cpu
 from exo_node.model import host_io, kernels
 from exo_node.model.config import ModelConfig
 
-MAX_ROWS = 64  # rows of a decode step that kernels.scores/attend take (--max-batch is at most 16)
+MAX_ROWS = 64  # rows of a step that kernels.scores/attend take (--max-batch is at most 16, a CPU chunk 8)
 
 
 def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
@@ -47,7 +47,7 @@ class Span:
   mask: Tensor | None
   cos: Tensor
   sin: Tensor
-  counts: Tensor | None = None  # each row's positions to attend, in a buffer, for kernels.scores/attend (CPU decode)
+  counts: Tensor | None = None  # each row's (or chunk position's) length, in a buffer, for kernels.scores/attend (CPU)
 
 
 @dataclass
@@ -79,10 +79,6 @@ class Block:
   def attend(self, q: Tensor, k: Tensor, v: Tensor, rows: list[Row], i: int, s: Span) -> Tensor:
     """Each row's new K/V goes into its own cache at its own position; then one attention over all rows."""
     q, k, T = rope(q, s.cos, s.sin), rope(k, s.cos, s.sin), q.shape[2]
-    # a decode step's query is realized first: fused into the score product, its rotation was recomputed at every cache
-    # position (8 rows at span 20: 14.8 -> 13.7 ms). A prefill chunk's fused product is the faster one (64 tokens: 133
-    # against 177 ms)
-    if T == 1: q = q.contiguous()
     caches = [self.cache(r.kv[i]) for r in rows]
     for b, (r, kv) in enumerate(zip(rows, caches)):
       kv[:, :, :, r.start_pos:r.start_pos + T, :].assign(Tensor.stack(k[b:b + 1], v[b:b + 1]).cast(kv.dtype)).realize()
@@ -94,7 +90,10 @@ class Block:
       return out.reshape(B, H, 1, D) if T == 1 else out.transpose(0, 1).reshape(1, H, T, D)
     keys, values = (Tensor.cat(*(kv[j, :, :, 0:s.length, :] for kv in caches)).cast(q.dtype) for j in (0, 1))
     if len(rows) > 1: keys, values = keys.contiguous(), values.contiguous()  # one copy, not a gather inside the products
-    return attention(q, keys, values, s.mask)
+    # a decode step's query is realized first: fused into tinygrad's score product, its rotation was recomputed at every
+    # cache position (CPU, before our kernels: 8 rows at span 20 14.8 -> 13.7 ms). A prefill chunk's fused product is
+    # the faster one (64 tokens: 133 against 177 ms)
+    return attention(q.contiguous() if T == 1 else q, keys, values, s.mask)
 
 
 class ShardModel:
@@ -116,13 +115,13 @@ class ShardModel:
                           for f in (np.cos(angles), np.sin(angles)))
     # positions for the causal mask: tinygrad's arange (and so triu) is a cumsum, a span x span reduce in every step
     self.positions = Tensor(np.arange(2 * max_context, dtype=np.int32), device=self.device).realize()
-    # a decode step's rows' lengths, for kernels.scores/attend: set_counts writes them before each step
+    # the lengths a step's rows (or a chunk's positions) attend over, for kernels.scores/attend: set before each step
     self.counts = host_io.upload(np.ones(MAX_ROWS, np.int32), dtypes.int32, self.device) \
       if kernels.scores_apply(self.device, cfg.head_dim) and self.kv_dtype == dtypes.float32 else None
 
   def set_counts(self, starts: list[int]) -> None:
     if self.counts is None: return
-    assert len(starts) <= MAX_ROWS, f"a decode step takes at most {MAX_ROWS} rows"
+    assert len(starts) <= MAX_ROWS, f"a step takes at most {MAX_ROWS} rows"
     host_io.write(self.counts, np.array([p + 1 for p in starts] + [1] * (MAX_ROWS - len(starts)), np.int32))
 
   @property
