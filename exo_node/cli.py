@@ -31,7 +31,7 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
   a("--max-context", type=int, default=4096)
   a("--max-sessions", type=int, default=16, help="KV sessions per node, and requests a coordinator runs at once (more wait)")
   a("--max-batch", type=int, default=8, choices=(1, 2, 4, 8, 16), help="decode steps of concurrent requests that share one forward pass")
-  a("--warm", action="store_true", help="capture every decode batch size up to --max-batch before serving (no first-use stalls)")
+  a("--warm", action="store_true", help="capture the prefill steps and every decode batch size up to --max-batch before serving (no first-use stalls; on a CPU it adds the 16-position prefill step)")
   a("--drain-timeout", type=float, default=10.0, help="at SIGTERM, seconds that running requests get to finish")
   a("--beam", type=int, default=0, help="tinygrad BEAM search width for kernels (cached across runs)")
   a("--prompt", default=None, help="generate once through the cluster, print the completion and exit")

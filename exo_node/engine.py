@@ -22,11 +22,11 @@ _TINYGRAD = ThreadPoolExecutor(1, thread_name_prefix="tinygrad")
 GATHER_S = 0.005  # the steps of one batch come back within ~0.5 ms of each other per request (2-core CPU)
 
 
-def prefill_chunk(device: str) -> int:
-  """Prompt positions per prefill step. On a CPU the step costs what its rows cost, padding included, and 8-row
-  steps measured fastest (SmolLM2, 2 cores, packed matrix kernel: 5 tokens in 12.7 ms against 18.0 in 4-row steps
-  and 24.6 in one 16-row step; 32 in 58 ms against 79 and 56)."""
-  return 8 if is_cpu(device) else 16
+def prefill_chunks(device: str) -> tuple[int, ...]:
+  """Prompt positions per prefill step: the sizes a prompt's steps may take (Engine._chunk_size). On a CPU a step
+  costs what its rows cost, padding included: 5 tokens take 10.9 ms in one 8-row step against 19.0 in a 16-row one,
+  64 tokens 79 ms in 16-row steps against 88 in 8-row ones (SmolLM2, 2 cores)."""
+  return (8, 16) if is_cpu(device) else (16,)
 
 
 def replay(jit: TinyJit, *args: Tensor | UOp | int | None) -> Tensor:
@@ -63,11 +63,11 @@ class Decode:
 
 
 class Engine:
-  def __init__(self, load: Callable[[], ShardModel] | None = None, max_sessions: int = 16, chunk: int | None = None,
+  def __init__(self, load: Callable[[], ShardModel] | None = None, max_sessions: int = 16, chunks: tuple[int, ...] | None = None,
                max_batch: int = 8, gather_s: float = GATHER_S):
-    """chunk: prompt positions per prefill step (default: prefill_chunk of the model's device)."""
+    """chunks: the sizes of prefill steps, in prompt positions (default: prefill_chunks of the model's device)."""
     self.max_sessions, self.max_batch, self.gather_s = max_sessions, max_batch, gather_s
-    self._chunk, self.chunk = chunk, 0  # chunk is set with the model
+    self._chunks, self.chunks, self.chunk = chunks, (), 0  # set with the model; chunk: the largest
     self.model: ShardModel | None = None
     self.sessions: dict[str, Session] = {}
     self._spare: list[list[Tensor]] = []  # caches of ended requests, for the next ones: a new cache costs ~12 ms on a CPU
@@ -86,8 +86,9 @@ class Engine:
       self.model = None
       with self._lock: self.sessions.clear(); self._spare.clear()
       model = load()
-      self.chunk = self._chunk or prefill_chunk(model.device)
-      self._jits: dict[tuple[str, int], TinyJit] = {}
+      self.chunks = tuple(sorted(self._chunks or prefill_chunks(model.device)))
+      self.chunk = self.chunks[-1]
+      self._jits: dict[tuple[str, int, int], TinyJit] = {}
       self._inputs: dict[TinyJit, Tensor] = {}
       self._vpos = [UOp.variable(f"start_pos{b}", 0, model.max_context - 1) for b in range(self.max_batch)]
       self._vn = UOp.variable("n", 1, self.chunk)
@@ -97,28 +98,29 @@ class Engine:
     return self.submit(swap)
 
   def warm(self) -> Future[None]:
-    """Captures the prefill step and a decode pass of every power-of-two batch up to max_batch now, on caches of no
+    """Captures the prefill steps and a decode pass of every power-of-two batch up to max_batch now, on caches of no
     request (they become spares): the first use of each size would otherwise stall every stream for the capture."""
     def run() -> None:
       m, sizes = self.model, [1 << i for i in range(self.max_batch.bit_length())]
       caches = [m.new_cache(pad=self.chunk) for _ in range(self.max_batch)]
-      self._chunk_pass(np.zeros((1, m.cfg.dim), np.float32), 0, caches[0])
+      for c in self.chunks: self._chunk_pass(np.zeros((c, m.cfg.dim), np.float32), 0, caches[0], c)
       for b in sizes: self._decode_pass(np.zeros((b, 1, m.cfg.dim), np.float32), [0] * b, caches[:b])
       with self._lock: self._spare.extend(caches)
     return self.submit(run)
 
-  def _jit(self, kind: str, batch: int) -> TinyJit:
-    """One capture per (prefill|decode, batch size). It captures on its first call: weights and inputs are realized
-    up front, so TinyJit's eager warm-up call would only repeat the scheduling (~7 s for 30 blocks on a 2-core CPU)."""
-    if (jit := self._jits.get((kind, batch))) is None:
-      log.info("capturing the %s step for %d request(s): once per size, seconds on a CPU", kind, batch)
-      jit = self._jits[(kind, batch)] = TinyJit(self._step)
+  def _jit(self, kind: str, rows: int, positions: int) -> TinyJit:
+    """One capture per (prefill|decode, rows, positions). It captures on its first call: weights and inputs are
+    realized up front, so TinyJit's eager warm-up call would only repeat the scheduling (~7 s for 30 blocks on a
+    2-core CPU)."""
+    if (jit := self._jits.get((kind, rows, positions))) is None:
+      log.info("capturing the %s step of %d x %d positions: once per size, seconds on a CPU", kind, rows, positions)
+      jit = self._jits[(kind, rows, positions)] = TinyJit(self._step)
       jit.cnt = 1
     return jit
 
   def _run(self, kind: str, x: np.ndarray, *args: UOp | Tensor | int | None) -> np.ndarray:
     """One captured step: x goes into the step's own input buffer, the result comes out of its output buffer."""
-    jit = self._jit(kind, len(x))
+    jit = self._jit(kind, *x.shape[:2])
     if (inp := self._inputs.get(jit)) is None: inp = self._inputs[jit] = Tensor.empty(*x.shape, device=self.model.device).realize()
     host_io.write(inp, x.astype(np.float32, copy=False))
     out = replay(jit, inp, *args)
@@ -137,10 +139,16 @@ class Engine:
     with self._lock: fns, self._deferred = self._deferred, []
     for fn in fns: fn()
 
-  def _chunk_pass(self, x: np.ndarray, start: int, kv: list[Tensor]) -> np.ndarray:
-    """One prefill step: up to chunk positions x (T, dim) from position start, padded to the captured size."""
-    padded = np.zeros((self.chunk, x.shape[1]), np.float32); padded[:len(x)] = x
-    self.model.set_counts([start + t for t in range(self.chunk)])  # position t attends through start + t
+  def _chunk_size(self, n: int) -> int:
+    """The smallest captured prefill step that holds n positions, else the largest. The first size is captured at
+    first use, the others only by warm: on a CPU the 16-row step's capture stalls every request for ~12 s (SmolLM2)."""
+    sizes = sorted({self.chunks[0], *(t for kind, _, t in self._jits if kind == "prefill")})
+    return next((c for c in sizes if c >= n), sizes[-1])
+
+  def _chunk_pass(self, x: np.ndarray, start: int, kv: list[Tensor], size: int) -> np.ndarray:
+    """One prefill step: up to size positions x (T, dim) from position start, padded to size."""
+    padded = np.zeros((size, x.shape[1]), np.float32); padded[:len(x)] = x
+    self.model.set_counts([start + t for t in range(size)])  # position t attends through start + t
     return self._run("prefill", padded[None], self._vn.bind(len(x)), None, self._vpos[0].bind(start), *kv)
 
   def _decode_pass(self, x: np.ndarray, starts: list[int], caches: list[list[Tensor]]) -> np.ndarray:
@@ -167,7 +175,7 @@ class Engine:
     prompts while other requests are in flight (_prompt_rows). stages: the shards of the request's pipeline."""
     if len(data) == 1: return self._enqueue(Decode(request_id, start_pos, data, Future(), stages))
     with self._lock:
-      if stages == 1 and len(data) <= self.chunk and (self._prefills or self._decodes or self._in_pass):
+      if stages == 1 and len(data) <= self.chunks[0] and (self._prefills or self._decodes or self._in_pass):
         return self._prompt_rows(request_id, start_pos, data, stages)
       self._prefills += 1
     def prefill() -> np.ndarray:
@@ -232,20 +240,21 @@ class Engine:
   def _prefill(self, request_id: str, start_pos: int, data: np.ndarray) -> np.ndarray:
     m, T = self.model, len(data)
     s = self._session(request_id, start_pos, T)
-    x, outs = self._input(data), []
-    for i in range(0, T, self.chunk):
-      part = x[i:i + self.chunk]
+    x, outs, i = self._input(data), [], 0
+    while i < T:
+      part = x[i:i + (size := self._chunk_size(T - i))]
       # a last position alone in its chunk runs as a one-row decode pass, not a chunk of padding: 5 tokens in ~45 ms
       # instead of ~60 on a CPU
-      out = self._decode_pass(part[None], [start_pos + i], [s.kv]) if len(part) == 1 else self._chunk_pass(part, start_pos + i, s.kv)
+      out = self._decode_pass(part[None], [start_pos + i], [s.kv]) if len(part) == 1 else self._chunk_pass(part, start_pos + i, s.kv, size)
       outs.append(out[0] if m.is_last else out[0, :len(part)])
+      i += len(part)
     s.pos = start_pos + T
     return outs[-1] if m.is_last else np.concatenate(outs)
 
   def _rows(self, n: int) -> int:
     """Rows of a pass for n waiting steps: a size already captured, padded by at most n rows, else the largest power
     of two up to n. A capture stalls every request for seconds on a CPU; a padding row costs only its share of a pass."""
-    captured = sorted(b for kind, b in self._jits if kind == "decode")
+    captured = sorted(b for kind, b, _ in self._jits if kind == "decode")
     return next((b for b in captured if n <= b <= 2 * n), 1 << (n.bit_length() - 1)) if n else 0
 
   def _drain(self) -> None:

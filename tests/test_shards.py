@@ -57,7 +57,7 @@ def test_concurrent_decode_steps_share_one_pass_and_match_one_at_a_time(full_eng
     logits = {r: f.result() for r, f in futures.items()}
   for r, lg in logits.items(): toks[r].append(int(np.argmax(lg))); full_engine.free(r)
   assert [toks[f"b{i}"] for i in range(4)] == alone
-  assert ("decode", 4) in full_engine._jits
+  assert ("decode", 4, 1) in full_engine._jits
 
 
 def test_a_refused_step_leaves_three_that_run_padded_in_the_captured_pass_of_4(full_engine):
@@ -78,7 +78,7 @@ def test_a_refused_step_leaves_three_that_run_padded_in_the_captured_pass_of_4(f
     assert [int(np.argmax(f.result())) for f in futures.values()] == [want[step + 1]] * len(futures)
     assert full_engine.decode_steps[len(futures)] == before.get(len(futures), 0) + 1
     pos += 1
-  assert ("decode", 4) in full_engine._jits and ("decode", 3) not in full_engine._jits
+  assert ("decode", 4, 1) in full_engine._jits and ("decode", 3, 1) not in full_engine._jits
   for r in logits: full_engine.free(r)
 
 
