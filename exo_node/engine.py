@@ -11,7 +11,7 @@ import numpy as np
 from tinygrad import Tensor, TinyJit, UOp
 from exo_node.device import is_cpu
 from exo_node.errors import ExoError
-from exo_node.model import host_io
+from exo_node.model import host_io, program_cache
 from exo_node.model.llama import Row, ShardModel
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class Engine:
     def swap() -> ShardModel:
       self.model = None
       with self._lock: self.sessions.clear(); self._spare.clear()
+      program_cache.load()
       model = load()
       self.chunks = tuple(sorted(self._chunks or prefill_chunks(model.device)))
       self.chunk = self.chunks[-1]
@@ -123,7 +124,9 @@ class Engine:
     jit = self._jit(kind, *x.shape[:2])
     if (inp := self._inputs.get(jit)) is None: inp = self._inputs[jit] = Tensor.empty(*x.shape, device=self.model.device).realize()
     host_io.write(inp, x.astype(np.float32, copy=False))
+    fresh = jit.captured is None
     out = replay(jit, inp, *args)
+    if fresh: program_cache.save()
     self._run_deferred()
     return host_io.read(out)
 
