@@ -47,6 +47,7 @@ class Node:
     self.server, self.api = None, None
     self.draining = False  # set at shutdown: new requests are refused, those in flight may finish
     self._load_lock = asyncio.Lock()
+    self._discovering: asyncio.Future | None = None  # discovery.start(), under way while the first layers load
 
   @property
   def n_layers(self) -> int: return self.weights.config.n_layers
@@ -83,6 +84,7 @@ class Node:
       log.info("loading layers [%d, %d) of %s on %s", start, end, self.model_id, self.caps.device)
       await asyncio.wrap_future(self.engine.load(lambda: load_shard(self.weights, start, end, max_context=self.cfg.max_context)))
       if self.cfg.warm: await asyncio.wrap_future(self.engine.warm())
+    if self._discovering is not None: await self._discovering  # re-advertise only what was advertised
     await self.discovery.changed()
 
   async def start(self) -> None:
@@ -93,12 +95,22 @@ class Node:
     if self.cfg.api_port:
       self.api = API(self)
       await self.api.start(self.cfg.host, self.cfg.api_port)
-    await self.discovery.start()
+    # mDNS spends ~2 s checking and probing the node's name and finds no peer before: unless told to wait for peers,
+    # the plan is this node's alone either way, so its layers load meanwhile (a one-shot run: 10.3 -> 8.8 s)
+    self._discovering = asyncio.ensure_future(self.discovery.start())
+    if self.cfg.wait_for_peers or self.discovery.peers_at_start: await self._discovering
     await self.wait_for_peers(self.cfg.wait_for_peers)
     try: shard = self.plan().shard_of(self.cfg.node_id)
     except PartitionError as e:  # keep serving: the API answers 503 until the cluster can hold the model
+      await self._discovering
       log.warning("no layers loaded: %s", e); return
-    await self.ensure_layers(shard.start, shard.end)
+    load = asyncio.ensure_future(self.ensure_layers(shard.start, shard.end))
+    try: await self._discovering
+    except BaseException:  # a node id already taken: the error is the last word, after the engine's own lines
+      load.cancel()
+      await asyncio.wrap_future(self.engine.submit(lambda: None))
+      raise
+    await load
 
   async def wait_for_peers(self, n: int) -> None:
     deadline = time.monotonic() + self.cfg.peer_timeout

@@ -54,13 +54,15 @@ def test_killed_node_leaves_within_3s_and_comes_back_on_restart(trio):
   finally: stop(extra)
 
 
-def test_another_cluster_on_the_same_host_stays_apart(trio):
+def test_another_cluster_on_the_same_host_stays_apart_and_a_lone_node_loads_while_mdns_registers(trio):
   procs, tmp = trio
   other = start(tmp, "x0", cluster="other")
   try:
     wait_until(lambda: other.info().end_layer > 0, 60, "x0 up")
     time.sleep(2)
     assert peers_of(other) == set() and all("x0" not in peers_of(p) for p in procs)
+    log = other.log.read_text()  # alone, it loads its layers while mDNS probes its name
+    assert log.index("loading layers [0, 30)") < log.index("mDNS: advertising")
   finally: stop(other)
 
 

@@ -10,6 +10,7 @@ log = logging.getLogger(__name__)
 
 class Discovery:
   """Base: peers() is the current set of healthy, compatible peers (not including this node)."""
+  peers_at_start = True  # start() returns with the peers it found
   def __init__(self): self.rtt: dict[str, float] = {}  # node id -> seconds of the last probe round trip
   async def start(self) -> None: ...
   async def stop(self) -> None: ...

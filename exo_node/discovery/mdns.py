@@ -37,6 +37,8 @@ def local_ipv4() -> str:
 
 
 class MDNSDiscovery(Discovery):
+  peers_at_start = False  # it browses only once its name is registered
+
   def __init__(self, node_id: str, cluster: str, port: int, channels: Channels, info: Callable[[], pb.NodeInfo],
                protocol_version: int, interface: str | None, advertise_ip: str):
     super().__init__()
