@@ -24,8 +24,11 @@ def bind(gpu: int | None, device: str | None) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     device = device or "CUDA"
   if device: os.environ["DEV"] = device.upper()
-  if is_cpu(os.environ.get("DEV", "CPU")) and not os.path.exists("/dev/nvidiactl"):
-    os.environ.setdefault("HCQ2", "1")  # tinygrad's compiled command queues: JIT replay ~20% faster on CPU (measured)
+  dev = os.environ.get("DEV", "CPU").upper()
+  if is_cpu(dev) and (dev.split(":") + [""])[1] in ("", "CLANG") and not os.path.exists("/dev/nvidiactl"):
+    # tinygrad's compiled command queues: JIT replay ~20% faster on CPU (measured); only the C renderer renders them
+    # (CPU:LLVM failed every step: "failed to render Ops.CALL")
+    os.environ.setdefault("HCQ2", "1")
 
 
 def _cpu_memory() -> int:

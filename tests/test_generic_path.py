@@ -1,0 +1,43 @@
+"""The path other devices take (CUDA, Metal, ...): weights unpacked, tinygrad's own matmul and attention with a
+per-row mask. CI has no GPU, so it runs here on tinygrad's CPU backend with its LLVM renderer, where our C kernels do
+not apply, and must give the tokens of the C path, alone and batched with a request at another position."""
+import json, os, subprocess, sys
+import numpy as np
+from conftest import PROMPT_IDS, greedy
+
+OTHER = [504, 2388, 2001, 282, 1343, 314, 253]
+SCRIPT = """
+import json, sys, threading
+import numpy as np
+from exo_node import device
+device.bind(None, "CPU:LLVM")  # must leave tinygrad's compiled command queues (HCQ2) off: the LLVM renderer lacks them
+from exo_node.engine import Engine
+from exo_node.model import kernels
+from exo_node.model.loader import load_shard
+a, b, n = json.loads(sys.argv[1])
+e = Engine(lambda: load_shard("smollm2-135m", 0, 30, max_context=128), max_batch=2)
+m = e.model
+out = {"generic": m.counts is None and not kernels.is_packed(m.blocks[0].w["attn_q.weight"]), "a": [], "b": []}
+toks = {r: [int(np.argmax(e.forward(r, 0, np.array(ids)).result()))] for r, ids in (("a", a), ("b", b))}
+pos = {"a": len(a), "b": len(b)}
+for _ in range(n - 1):  # both requests' steps wait together and run as one 2-row pass, at different positions
+  gate = threading.Event()
+  e.submit(gate.wait)
+  futures = {r: e.forward(r, pos[r], np.array(toks[r][-1:])) for r in toks}
+  gate.set()
+  for r, f in futures.items(): toks[r].append(int(np.argmax(f.result()))); pos[r] += 1
+out.update(toks, batched=e.decode_steps[2])
+print(json.dumps(out))
+"""
+
+
+def test_the_generic_path_gives_the_c_paths_tokens_alone_and_batched(full_engine):
+  n = 6
+  env = {k: v for k, v in os.environ.items() if k not in ("HCQ2", "DEV")}  # as a fresh shell has it
+  p = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([PROMPT_IDS, OTHER, n])], env=env, capture_output=True,
+                     text=True, timeout=900)
+  assert p.returncode == 0, p.stderr[-3000:]
+  got = json.loads(p.stdout.strip().splitlines()[-1])
+  assert got["generic"] and got["batched"] == n - 1
+  assert got["a"] == greedy(full_engine, "generic-a", PROMPT_IDS, n)[0]
+  assert got["b"] == greedy(full_engine, "generic-b", OTHER, n)[0]
