@@ -27,7 +27,7 @@ def bind(gpu: int | None, device: str | None) -> None:
   dev = os.environ.get("DEV", "CPU").upper()
   if is_cpu(dev) and (dev.split(":") + [""])[1] in ("", "CLANG") and not os.path.exists("/dev/nvidiactl"):
     # tinygrad's compiled command queues: JIT replay ~20% faster on CPU (measured); only the C renderer renders them
-    # (CPU:LLVM failed every step: "failed to render Ops.CALL")
+    # (CPU:LLVM and CPU:X86 failed every step)
     os.environ.setdefault("HCQ2", "1")
 
 

@@ -1,6 +1,7 @@
 """The path other devices take (CUDA, Metal, ...): weights unpacked, tinygrad's own matmul and attention with a
-per-row mask. CI has no GPU, so it runs here on tinygrad's CPU backend with its LLVM renderer, where our C kernels do
-not apply, and must give the tokens of the C path, alone and batched with a request at another position."""
+per-row mask. CI has no GPU, so it runs here on tinygrad's CPU backend with its own x86 renderer (no LLVM library
+needed; Debian 12's LLVM 14 and 15 fail tinygrad's LLVM IR), where our C kernels do not apply, and must give the
+tokens of the C path, alone and batched with a request at another position."""
 import json, os, subprocess, sys
 import numpy as np
 from conftest import PROMPT_IDS, greedy
@@ -10,7 +11,7 @@ SCRIPT = """
 import json, sys, threading
 import numpy as np
 from exo_node import device
-device.bind(None, "CPU:LLVM")  # must leave tinygrad's compiled command queues (HCQ2) off: the LLVM renderer lacks them
+device.bind(None, "CPU:X86")  # must leave tinygrad's compiled command queues (HCQ2) off: only the C renderer has them
 from exo_node.engine import Engine
 from exo_node.model import kernels
 from exo_node.model.loader import load_shard
