@@ -1,5 +1,5 @@
 """The path other devices take (CUDA, Metal, ...): weights unpacked, tinygrad's own matmul and attention with a
-per-row mask. CI has no GPU, so it runs here on tinygrad's CPU backend with its own x86 renderer (no LLVM library
+per-row mask, an fp16 KV cache. CI has no GPU, so it runs here on tinygrad's CPU backend with its own x86 renderer (no LLVM library
 needed; Debian 12's LLVM 14 and 15 fail tinygrad's LLVM IR), where our C kernels do not apply, and must give the
 tokens of the C path, alone and batched with a request at another position."""
 import json, os, subprocess, sys
@@ -16,9 +16,10 @@ from exo_node.engine import Engine
 from exo_node.model import kernels
 from exo_node.model.loader import load_shard
 a, b, n = json.loads(sys.argv[1])
-e = Engine(lambda: load_shard("smollm2-135m", 0, 30, max_context=128), max_batch=2)
+from tinygrad import dtypes
+e = Engine(lambda: load_shard("smollm2-135m", 0, 30, max_context=128, kv_dtype=dtypes.float16), max_batch=2)  # as on a GPU
 m = e.model
-out = {"generic": m.counts is None and not kernels.is_packed(m.blocks[0].w["attn_q.weight"]), "a": [], "b": []}
+out = {"generic": m.counts is None and not kernels.is_packed(m.blocks[0].w["attn_q.weight"]) and m.kv_dtype == dtypes.float16}
 toks = {r: [int(np.argmax(e.forward(r, 0, np.array(ids)).result()))] for r, ids in (("a", a), ("b", b))}
 pos = {"a": len(a), "b": len(b)}
 for _ in range(n - 1):  # both requests' steps wait together and run as one 2-row pass, at different positions

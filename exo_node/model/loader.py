@@ -28,7 +28,8 @@ def open_weights(model: str | Path) -> Weights:
 
 
 def load_shard(model: str | Path | Weights, start: int, end: int, device: str | None = None, max_context: int = 4096,
-               wdtype: DType | None = None) -> ShardModel:
+               wdtype: DType | None = None, kv_dtype: DType | None = None) -> ShardModel:
+  """kv_dtype: the KV cache's (default: fp32 on a CPU, else the weights')."""
   w = model if isinstance(model, Weights) else open_weights(model)
   cfg = w.config
   if not 0 <= start < end <= cfg.n_layers: raise ModelError(f"bad layer range [{start}, {end}) for a {cfg.n_layers}-layer model")
@@ -59,7 +60,7 @@ def load_shard(model: str | Path | Weights, start: int, end: int, device: str | 
     norm, head = get("output_norm.weight", dtypes.float32), matrix("output.weight" if w.has("output.weight") else "token_embd.weight")
     Tensor.realize(norm, head)
   log.info("shard [%d, %d) of %s ready in %.1fs", start, end, cfg.arch, time.monotonic() - t0)
-  return ShardModel(cfg, start, end, blocks, embed, norm, head, min(max_context, cfg.context_length))
+  return ShardModel(cfg, start, end, blocks, embed, norm, head, min(max_context, cfg.context_length), kv_dtype)
 
 
 def open_tokenizer(w: Weights):
