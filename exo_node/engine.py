@@ -144,7 +144,8 @@ class Engine:
 
   def _chunk_size(self, n: int) -> int:
     """The smallest captured prefill step that holds n positions, else the largest. The first size is captured at
-    first use, the others only by warm: on a CPU the 16-row step's capture stalls every request for ~12 s (SmolLM2)."""
+    first use, the others only by warm: on a CPU the 16-row step's capture stalls every request for seconds (SmolLM2:
+    ~12 s, about half that with its programs on disk, model/program_cache.py)."""
     sizes = sorted({self.chunks[0], *(t for kind, _, t in self._jits if kind == "prefill")})
     return next((c for c in sizes if c >= n), sizes[-1])
 
