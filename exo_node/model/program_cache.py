@@ -19,7 +19,8 @@ def _name(key: tuple) -> str: return hashlib.sha256(repr(key).encode()).hexdiges
 
 
 def load() -> int:
-  """Adds the programs on disk to tinygrad's in-memory cache; a file that does not load is skipped."""
+  """Adds the programs on disk to tinygrad's in-memory cache; a file that does not load is skipped. Returns how many
+  programs this process knows to be on disk."""
   if CACHELEVEL < 1 or not (d := folder()).is_dir(): return 0
   for f in d.glob("*.pkl"):
     try: key, prg = pickle.loads(f.read_bytes())
