@@ -11,7 +11,7 @@ import numpy as np
 from tinygrad import Tensor, TinyJit, UOp
 from exo_node.device import is_cpu
 from exo_node.errors import ExoError
-from exo_node.model import host_io, program_cache
+from exo_node.model import gate, host_io, program_cache
 from exo_node.model.llama import Row, ShardModel
 
 log = logging.getLogger(__name__)
@@ -20,6 +20,7 @@ R = TypeVar("R")
 # may only be used from the thread that opened it
 _TINYGRAD = ThreadPoolExecutor(1, thread_name_prefix="tinygrad")
 GATHER_S = 0.005  # the steps of one batch come back within ~0.5 ms of each other per request (2-core CPU)
+AHEAD_WAIT_S = 0.002  # the most a pass launched ahead waits to go in after the last (_launch_ahead)
 
 
 def prefill_chunks(device: str) -> tuple[int, ...]:
@@ -73,7 +74,11 @@ class Engine:
     self._spare: list[list[Tensor]] = []  # caches of ended requests, for the next ones: a new cache costs ~12 ms on a CPU
     self._decodes: list[Decode] = []  # single-token steps waiting to share the next forward pass
     self._prefills, self._in_pass = 0, False  # prompts submitted as chunks and not done yet; a decode pass is running
+    self._opened = False  # a pass launched ahead was opened by its step's caller and is running (_start_ahead)
+    self._jobs = 0  # submitted and not started: a pass launched ahead would hold them up
+    self._done_at, self._gap = 0.0, AHEAD_WAIT_S * 2  # when the last pass ended; from then to its request's next step
     self.decode_steps: Counter[int] = Counter()  # forward passes by batch size, for /metrics
+    self.steps_ahead = 0  # of them, passes launched ahead of their input (_launch_ahead), for /metrics
     self._lock = threading.Condition()  # guards sessions and the queue; notified when a step joins the queue
     self._mates: dict[str, frozenset[str]] = {}  # request -> the requests of the last pass it ran in
     self._deferred: list[Callable[[], None]] = []  # see defer
@@ -136,7 +141,9 @@ class Engine:
     the pass starts."""
     with self._lock:
       self._deferred.append(fn)
-      if len(self._deferred) == 1 and not self._decodes: self.submit(self._run_deferred)
+      ahead = self._opened
+      if not ahead and len(self._deferred) == 1 and not self._decodes: _TINYGRAD.submit(self._run_deferred)
+    if ahead: self._run_deferred()
 
   def _run_deferred(self) -> None:
     with self._lock: fns, self._deferred = self._deferred, []
@@ -158,8 +165,64 @@ class Engine:
   def _decode_pass(self, x: np.ndarray, starts: list[int], caches: list[list[Tensor]]) -> np.ndarray:
     """One decode pass: row b of x (B, 1, dim) at position starts[b] of caches[b], all over the longest span."""
     self.model.set_counts(starts)
-    return self._run("decode", x, 1, self._vspan.bind(max(starts) + 1), *(self._vpos[b].bind(p) for b, p in enumerate(starts)),
-                     *(t for kv in caches for t in kv))
+    return self._run("decode", x, *self._decode_args(starts, caches))
+
+  def _decode_args(self, starts: list[int], caches: list[list[Tensor]]) -> tuple:
+    return (1, self._vspan.bind(max(starts) + 1), *(self._vpos[b].bind(p) for b, p in enumerate(starts)), *(t for kv in caches for t in kv))
+
+  def _launch_ahead(self, request_id: str) -> None:
+    """After a pipeline step of the only request here, its next pass goes in behind a gate that the next frame's
+    input opens (model/gate.py), so the launch overlaps the other nodes' work instead of following the frame. It
+    first waits half the usual gap between a pass and the next step (at most AHEAD_WAIT_S): launched at once, it
+    took the cores from this step's hand-on and the next node's start, and 2 nodes gained nothing. Waited for:
+    82 -> 95 tok/s in alternating runs, 98-103 -> 107-110 in the bench (SmolLM2, 2 cores)."""
+    m, jit = self.model, self._jits.get(("decode", 1, 1))
+    if jit is None or jit.captured is None or not gate.supported(m.device): return
+    with self._lock:
+      if not self._lone(request_id): return
+      self._lock.wait(min(AHEAD_WAIT_S, self._gap / 2))  # a step or a job that arrives meanwhile wakes it
+      if not self._lone(request_id): return
+      s = self.sessions[request_id]
+    m.set_counts([s.pos])
+    inp = self._inputs[jit]
+    gate.launch(self, request_id, s.pos, inp, lambda: replay(jit, inp, *self._decode_args([s.pos], [s.kv])))
+
+  def _lone(self, request_id: str) -> bool:
+    """request_id is the only request here and nothing waits for the engine (with its lock held)."""
+    s = self.sessions.get(request_id)
+    return s is not None and len(self.sessions) == 1 and not (self._decodes or self._prefills or self._jobs) and s.pos < self.model.max_context
+
+  def _start_ahead(self, held: gate.Held, d: Decode) -> Future:
+    """A step whose pass waits launched (_launch_ahead) starts it on the caller's thread; the engine thread only
+    collects the result."""
+    with self._lock: self._opened = True
+    try: self._open(held, d.data)
+    except Exception as e:
+      with self._lock: self._opened = False
+      d.result.set_exception(e)
+      return d.result
+    _TINYGRAD.submit(self._collect, held, d, True)
+    return d.result
+
+  def _open(self, held: gate.Held, data: np.ndarray) -> None:
+    try: x = self._input(data).astype(np.float32, copy=False)[None]
+    except Exception:
+      gate.run(held)  # on zeros: the device's queue must move on
+      raise
+    gate.run(held, x)
+
+  def _collect(self, held: gate.Held, d: Decode, opened: bool = False) -> None:
+    """Finishes a step whose pass was launched ahead, opening it first unless its caller has."""
+    try:
+      if not opened: self._open(held, d.data)
+      self._run_deferred()
+      out = host_io.read(held.out)
+      s = self._session(d.request_id, d.start_pos, 1)
+    except Exception as e: return d.result.set_exception(e)
+    finally:
+      with self._lock: self._opened = False
+    self.steps_ahead += 1
+    self._finish([(d, s)], out)
 
   def _step(self, x: Tensor, n: UOp | int, span: UOp | None, *rest: UOp | Tensor) -> Tensor:
     """span: None for prefill, else the decode step's attention span; rest: the B rows' bound start positions, then
@@ -170,14 +233,25 @@ class Engine:
     return self.model(x, [Row(list(kv[b * per:(b + 1) * per]), rest[b]) for b in range(B)], n, span).contiguous().realize()
 
   def submit(self, fn: Callable[[], R]) -> Future[R]:
-    return _TINYGRAD.submit(fn)
+    """fn runs on the engine thread, once a pass launched ahead has been let go (_launch_ahead): it holds the device."""
+    def run() -> R:
+      with self._lock: self._jobs -= 1
+      gate.release()
+      return fn()
+    with self._lock:
+      self._jobs += 1
+      self._lock.notify()
+    return _TINYGRAD.submit(run)
 
   def forward(self, request_id: str, start_pos: int, data: np.ndarray, stages: int = 1) -> Future[np.ndarray]:
     """data: token ids (T,) on the first shard, else a hidden state (T, dim). Returns the hidden state (T, dim)
     or, on the last shard, the last position's logits (vocab,). Single-token steps of different requests that
     wait at the same time run as one batch: the weights stream once for all of them; so do the positions of short
     prompts while other requests are in flight (_prompt_rows). stages: the shards of the request's pipeline."""
-    if len(data) == 1: return self._enqueue(Decode(request_id, start_pos, data, Future(), stages))
+    if len(data) == 1:
+      self._gap = time.monotonic() - self._done_at
+      d = Decode(request_id, start_pos, data, Future(), stages)
+      return self._enqueue(d) if (held := gate.take(self, request_id, start_pos)) is None else self._start_ahead(held, d)
     with self._lock:
       if stages == 1 and len(data) <= self.chunks[0] and (self._prefills or self._decodes or self._in_pass):
         return self._prompt_rows(request_id, start_pos, data, stages)
@@ -192,7 +266,7 @@ class Engine:
     with self._lock:
       self._decodes.append(step)
       self._lock.notify()
-      if len(self._decodes) == 1: self.submit(self._drain)
+      if len(self._decodes) == 1: _TINYGRAD.submit(self._drain)
     return step.result
 
   def _prompt_rows(self, request_id: str, start_pos: int, data: np.ndarray, stages: int) -> Future[np.ndarray]:
@@ -216,6 +290,7 @@ class Engine:
   def free(self, request_id: str) -> None:
     """The cache goes to the spares: what it holds stays finite, and a new request only attends to its own positions
     (the rest is masked). Only the engine thread takes spares, so a step still running on this one ends first."""
+    gate.release(self, request_id)
     with self._lock:
       if (s := self.sessions.pop(request_id, None)) is not None: self._spare.append(s.kv)
       self._mates.pop(request_id, None)
@@ -290,6 +365,10 @@ class Engine:
         self._run_deferred()
         self._lock.wait(left)
       self._decodes = [d for d in self._decodes if d not in batch]
+      held = gate.take(self, batch[0].request_id, batch[0].start_pos) if len(batch) == 1 else None
+      if held is not None and self._decodes: _TINYGRAD.submit(self._drain)
+    if held is not None: return self._collect(held, batch[0])
+    gate.release()
     admitted = []
     for d in batch:
       try: admitted.append((d, self._session(d.request_id, d.start_pos, 1)))
@@ -297,7 +376,7 @@ class Engine:
     rows = self._rows(len(admitted))
     with self._lock:  # the steps past the pass's rows go back to the front of the queue; padding rows borrow spare caches
       self._decodes[:0] = [d for d, _ in admitted[rows:]]
-      if self._decodes: self.submit(self._drain)
+      if self._decodes: _TINYGRAD.submit(self._drain)
       admitted, pads = admitted[:rows], [self._spare.pop() for _ in range(min(len(self._spare), rows - len(admitted)))]
     if not admitted: return
     try:
@@ -312,9 +391,14 @@ class Engine:
     finally:
       self._in_pass = False
       with self._lock: self._spare.extend(pads)
+    self._finish(admitted, out)
+
+  def _finish(self, admitted: list[tuple[Decode, Session]], out: np.ndarray) -> None:
     self.decode_steps[len(admitted)] += 1
     mates = frozenset(d.request_id for d, _ in admitted)
     with self._lock: self._mates.update((r, mates) for r in mates if r in self.sessions)  # not for one freed meanwhile
+    self._done_at = time.monotonic()
     for b, (d, s) in enumerate(admitted):
       s.pos = d.start_pos + 1
       d.result.set_result(out[b])
+    if len(admitted) == 1 and admitted[0][0].stages > 1: self._launch_ahead(admitted[0][0].request_id)

@@ -111,6 +111,8 @@ def test_metrics_parse_and_move_after_a_request(api, client):
   assert after["exo_inflight_requests{}"] == 0
   steps = 'exo_decode_steps_total{"batch": "1"}'
   assert after[steps] == before.get(steps, 0) + 2  # the prompt's pass gives the first token, two decode passes the rest
+  # the first decode pass launches the second ahead, behind a gate its input opens (model/gate.py)
+  assert after["exo_decode_steps_ahead_total{}"] == before["exo_decode_steps_ahead_total{}"] + 1
   deadline = time.monotonic() + 5  # the End frame frees sessions just after the response
   while metrics(url)["exo_kv_sessions{}"] and time.monotonic() < deadline: time.sleep(0.05)
   assert metrics(url)["exo_kv_sessions{}"] == 0

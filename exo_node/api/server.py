@@ -68,7 +68,8 @@ class API:
                               "layers": [m.start, m.end] if m else None}, status=200 if m else 503)
 
   async def prometheus(self, request: web.Request) -> web.Response:
-    return web.Response(text=self.metrics.render(self.node.engine.n_sessions, self.node.discovery.rtt, self.node.engine.decode_steps),
+    return web.Response(text=self.metrics.render(self.node.engine.n_sessions, self.node.discovery.rtt, self.node.engine.decode_steps,
+                                                   self.node.engine.steps_ahead),
                         content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
   async def models(self, request: web.Request) -> web.Response:

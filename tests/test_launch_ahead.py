@@ -1,0 +1,91 @@
+"""A pipeline's lone request runs its decode passes launched ahead of their input (model/gate.py): the same outputs,
+and whatever else needs the device lets a held pass go first, so nothing ever waits behind it."""
+import time
+import numpy as np
+import pytest
+from conftest import PROMPT_IDS
+from exo_node.engine import Engine
+from exo_node.model import gate
+from exo_node.model.loader import load_shard
+
+TOKENS = [7042, 30, 198, 198, 504, 2988]  # fed as the next steps' ids, whatever the shard's outputs
+
+
+@pytest.fixture(scope="module")
+def first(weights): return Engine(lambda: load_shard(weights, 0, 15, max_context=256))
+
+
+@pytest.fixture(scope="module")
+def plain(first) -> list[np.ndarray]:
+  """The hidden states of the prompt and of TOKENS through a request of one stage, which never launches ahead."""
+  out = steps(first, "plain", 1, len(TOKENS))
+  first.free("plain")
+  return out
+
+
+def steps(e: Engine, rid: str, stages: int, n: int, start: int = 0) -> list[np.ndarray]:
+  """The prompt (unless start > 0), then TOKENS[start:n] as single steps, each after the time another node's pass
+  would take: a step that comes sooner finds its pass not launched yet (Engine._launch_ahead waits first)."""
+  out = [] if start else [e.forward(rid, 0, np.array(PROMPT_IDS), stages=stages).result(timeout=120)]
+  for i in range(start, n):
+    time.sleep(0.005)
+    out.append(e.forward(rid, len(PROMPT_IDS) + i, np.array(TOKENS[i:i + 1]), stages=stages).result(timeout=120))
+  return out
+
+
+def held() -> gate.Held | None:
+  """The pass held now, once the engine has launched it (it waits a little first)."""
+  deadline = time.monotonic() + 10
+  while gate._held is None and time.monotonic() < deadline: time.sleep(0.001)
+  return gate._held
+
+
+def test_every_step_after_the_first_runs_launched_ahead_with_the_same_output(first, plain):
+  before = first.steps_ahead
+  ahead = steps(first, "ahead", 2, len(TOKENS))
+  assert first.steps_ahead - before == len(TOKENS) - 1  # the prompt's pass and the first decode pass launch no step ahead
+  for a, b in zip(ahead, plain): np.testing.assert_array_equal(a, b)
+  assert held() is not None and held().start_pos == len(PROMPT_IDS) + len(TOKENS)
+  first.free("ahead")
+  assert gate._held is None
+
+
+def test_a_job_on_the_device_lets_the_held_pass_go_and_the_request_goes_on(first, plain):
+  out = steps(first, "a", 2, 2)
+  assert held().request_id == "a"
+  # tinygrad work on the engine thread (a new KV cache is written zeros): behind a closed gate it would wait forever
+  first.submit(lambda: first.model.new_cache()).result(timeout=60)
+  assert gate._held is None
+  out += steps(first, "a", 2, 4, start=2)  # the released pass wrote zeros' cache entries, which this step overwrites
+  for a, b in zip(out, plain): np.testing.assert_array_equal(a, b)
+  first.free("a")
+
+
+def test_another_request_lets_the_held_pass_go_and_both_get_their_outputs(first, plain):
+  a = steps(first, "a", 2, 2)
+  assert held().request_id == "a"
+  b = steps(first, "b", 2, 2)  # its prompt releases a's pass; with two requests here, no step is launched ahead
+  a += steps(first, "a", 2, 3, start=2)
+  assert gate._held is None
+  for x in (a, b):
+    for got, want in zip(x, plain): np.testing.assert_array_equal(got, want)
+  first.free("a"); first.free("b")
+
+
+def test_another_engine_of_the_process_runs_while_this_one_holds_a_pass(first, plain, weights):
+  h = steps(first, "a", 2, 2)
+  assert held().request_id == "a"
+  last = Engine(lambda: load_shard(weights, 15, 30, max_context=256))  # its load and its pass release first's
+  logits = last.forward("a", 0, h[0]).result(timeout=120)
+  assert logits.shape == (weights.config.vocab_size,) and gate._held is None
+  first.free("a")
+
+
+def test_a_bad_step_into_a_held_pass_fails_alone_and_the_request_goes_on(first, plain):
+  out = steps(first, "c", 2, 2)
+  assert held().request_id == "c"
+  with pytest.raises(IndexError):  # an id past the vocabulary (the transport refuses it before the engine)
+    first.forward("c", len(PROMPT_IDS) + 2, np.array([10 ** 9]), stages=2).result(timeout=60)
+  out += steps(first, "c", 2, 4, start=2)
+  for a, b in zip(out, plain): np.testing.assert_array_equal(a, b)
+  first.free("c")
