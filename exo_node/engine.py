@@ -2,7 +2,7 @@
 KV cache per request, TinyJit for fixed-size chunked prefill and for decode steps batched across requests, and a
 cap on sessions."""
 from __future__ import annotations
-import logging, threading, time
+import asyncio, logging, threading, time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -193,36 +193,55 @@ class Engine:
     return s is not None and len(self.sessions) == 1 and not (self._decodes or self._prefills or self._jobs) and s.pos < self.model.max_context
 
   def _start_ahead(self, held: gate.Held, d: Decode) -> Future:
-    """A step whose pass waits launched (_launch_ahead) starts it on the caller's thread; the engine thread only
-    collects the result."""
+    """A step whose pass waits launched (_launch_ahead) opens it on the caller's thread. On an event loop the loop
+    also takes the result, woken by the pass's end (gate.fd): the engine thread's poll and its hand-off to the loop
+    are off the path too. Elsewhere the engine thread waits for it."""
     with self._lock: self._opened = True
     try: self._open(held, d.data)
     except Exception as e:
-      with self._lock: self._opened = False
-      d.result.set_exception(e)
+      self._ended(held, d, e)
       return d.result
-    _TINYGRAD.submit(self._collect, held, d, True)
+    try: loop = asyncio.get_running_loop()
+    except RuntimeError:
+      _TINYGRAD.submit(self._collect, held, d, True)
+      return d.result
+    def ready() -> None:
+      if not gate.ended(held): return
+      loop.remove_reader(gate.fd())
+      if self._ended(held, d): _TINYGRAD.submit(self._launch_ahead, d.request_id)
+    loop.add_reader(gate.fd(), ready)
     return d.result
 
   def _open(self, held: gate.Held, data: np.ndarray) -> None:
     try: x = self._input(data).astype(np.float32, copy=False)[None]
     except Exception:
-      gate.run(held)  # on zeros: the device's queue must move on
+      gate.drop(held)  # the device's queue must move on
       raise
     gate.run(held, x)
 
   def _collect(self, held: gate.Held, d: Decode, opened: bool = False) -> None:
-    """Finishes a step whose pass was launched ahead, opening it first unless its caller has."""
+    """On the engine thread: a step whose pass was launched ahead, opened first unless its caller has."""
     try:
       if not opened: self._open(held, d.data)
       self._run_deferred()
-      out = host_io.read(held.out)
-      s = self._session(d.request_id, d.start_pos, 1)
-    except Exception as e: return d.result.set_exception(e)
-    finally:
-      with self._lock: self._opened = False
+      gate.wait(held)
+    except Exception as e:
+      self._ended(held, d, e)
+      return
+    if self._ended(held, d): self._launch_ahead(d.request_id)
+
+  def _ended(self, held: gate.Held, d: Decode, error: Exception | None = None) -> bool:
+    """Settles a step whose pass launched ahead has run (or failed to open); whether it succeeded."""
+    with self._lock: self._opened = False
+    try:
+      if error is not None: raise error
+      out, s = gate.output(held), self._session(d.request_id, d.start_pos, 1)
+    except Exception as e:
+      d.result.set_exception(e)
+      return False
     self.steps_ahead += 1
-    self._finish([(d, s)], out)
+    self._settle([(d, s)], out)
+    return True
 
   def _step(self, x: Tensor, n: UOp | int, span: UOp | None, *rest: UOp | Tensor) -> Tensor:
     """span: None for prefill, else the decode step's attention span; rest: the B rows' bound start positions, then
@@ -394,11 +413,14 @@ class Engine:
     self._finish(admitted, out)
 
   def _finish(self, admitted: list[tuple[Decode, Session]], out: np.ndarray) -> None:
-    self.decode_steps[len(admitted)] += 1
-    mates = frozenset(d.request_id for d, _ in admitted)
-    with self._lock: self._mates.update((r, mates) for r in mates if r in self.sessions)  # not for one freed meanwhile
-    self._done_at = time.monotonic()
-    for b, (d, s) in enumerate(admitted):
-      s.pos = d.start_pos + 1
-      d.result.set_result(out[b])
+    self._settle(admitted, out)
     if len(admitted) == 1 and admitted[0][0].stages > 1: self._launch_ahead(admitted[0][0].request_id)
+
+  def _settle(self, admitted: list[tuple[Decode, Session]], out: np.ndarray) -> None:
+    mates = frozenset(d.request_id for d, _ in admitted)
+    with self._lock:
+      self.decode_steps[len(admitted)] += 1
+      self._mates.update((r, mates) for r in mates if r in self.sessions)  # not for one freed meanwhile
+      self._done_at = time.monotonic()
+      for d, s in admitted: s.pos = d.start_pos + 1
+    for b, (d, _) in enumerate(admitted): d.result.set_result(out[b])

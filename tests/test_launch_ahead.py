@@ -1,6 +1,6 @@
 """A pipeline's lone request runs its decode passes launched ahead of their input (model/gate.py): the same outputs,
 and whatever else needs the device lets a held pass go first, so nothing ever waits behind it."""
-import time
+import asyncio, threading, time
 import numpy as np
 import pytest
 from conftest import PROMPT_IDS
@@ -48,6 +48,25 @@ def test_every_step_after_the_first_runs_launched_ahead_with_the_same_output(fir
   assert held() is not None and held().start_pos == len(PROMPT_IDS) + len(TOKENS)
   first.free("ahead")
   assert gate._held is None
+
+
+def test_on_an_event_loop_the_loop_itself_takes_each_result_when_its_pass_ends(first, plain):
+  """The pass's end wakes the loop through the eventfd behind it: the engine thread neither polls nor hands over."""
+  async def run() -> tuple[list[np.ndarray], list[str]]:
+    out, threads = [], []
+    for i in range(len(TOKENS) + 1):
+      await asyncio.sleep(0.005)
+      f = first.forward("loop", 0, np.array(PROMPT_IDS), stages=2) if i == 0 else \
+          first.forward("loop", len(PROMPT_IDS) + i - 1, np.array(TOKENS[i - 1:i]), stages=2)
+      f.add_done_callback(lambda _: threads.append(threading.current_thread().name))
+      out.append(await asyncio.wait_for(asyncio.wrap_future(f), 120))
+    return out, threads
+  before = first.steps_ahead
+  out, threads = asyncio.run(run())
+  assert first.steps_ahead - before == len(TOKENS) - 1
+  assert threads[2:] == [threading.main_thread().name] * (len(TOKENS) - 1)  # the loop's thread, not the engine's
+  for a, b in zip(out, plain): np.testing.assert_array_equal(a, b)
+  first.free("loop")
 
 
 def test_a_job_on_the_device_lets_the_held_pass_go_and_the_request_goes_on(first, plain):

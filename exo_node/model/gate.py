@@ -3,13 +3,15 @@ otherwise starts a pass only once its frame arrives, then writes the step's leng
 launches its ~270 kernels: all of it known a step ahead. Here the engine does that while the other nodes work, with
 a sem_wait at the head of the queue; the frame writes the input and posts the semaphore. A half-model pass of
 SmolLM2 from its input to its output: 3.3-3.9 ms launched at arrival, 2.9 ms launched ahead (one process, 2 cores).
+Behind the pass the queue writes an eventfd, so its end wakes a reader at once (an asyncio loop, or a blocked
+thread) instead of being polled for.
 
 One pass at most is held per process (every engine shares the device), and whatever else runs on the device first
 releases it (`release`): it then runs on zeros, into the one cache position its own step would overwrite."""
 from __future__ import annotations
-import array, atexit, ctypes, threading
-from typing import Callable
+import array, atexit, ctypes, os, select, threading, time
 from dataclasses import dataclass
+from typing import Callable
 import numpy as np
 from tinygrad import Device, Tensor
 from tinygrad.helpers import getenv
@@ -17,10 +19,13 @@ from tinygrad.runtime.ops_cpu import CMD_SIZE, RING_SLOTS
 from exo_node.device import is_cpu
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_SEM_WAIT = ctypes.cast(_libc.sem_wait, ctypes.c_void_p).value
+_SEM_WAIT, _WRITE = (ctypes.cast(f, ctypes.c_void_p).value for f in (_libc.sem_wait, _libc.write))
 _lock = threading.Lock()
-_sem = ctypes.create_string_buffer(32)  # one for the process, never freed: the worker still reads it as a post wakes it
+# one each for the process, never freed: the worker still touches the semaphore as a post wakes it
+_sem, _one = ctypes.create_string_buffer(32), ctypes.c_uint64(1)
 _sem_ok = _libc.sem_init(_sem, 0, 0) == 0  # not on macOS, which has only named semaphores
+_ended = os.eventfd(0, os.EFD_NONBLOCK) if _sem_ok else -1  # +1 as each held pass, run or released, ends
+_released = 0  # passes released since the last take: their ends come before the next taken one's
 
 
 @dataclass(eq=False)
@@ -30,6 +35,8 @@ class Held:
   start_pos: int
   inp: Tensor  # the step's input buffer: written when the gate opens
   out: Tensor  # the step's output, once the pass has run
+  skip: int = 0  # released passes that end before this one
+  seen: int = 0  # ends read so far
 
 
 _held: Held | None = None
@@ -40,22 +47,39 @@ def supported(device: str) -> bool:
   return _sem_ok and is_cpu(device) and bool(getenv("HCQ2")) and hasattr(Device[device], "worker")
 
 
-def launch(owner: object, request_id: str, start_pos: int, inp: Tensor, start: Callable[[], Tensor]) -> None:
-  """Puts a closed gate at the tail of inp's device's compute queue, then start()s the pass behind it, held for
-  take() (or release()). Not while another pass is held: the queue would stop at that one."""
-  dev = Device[inp.device]
-  dev.synchronize()  # the queue is idle, so its submitter bumps its write index no more until the next submit
+def _push(dev, words: list[int]) -> None:
+  """Appends one call to the compute queue; its submitter (the other worker) must be idle: it bumps put too."""
   w = dev.worker("COMPUTE:0")
   ring, put = w.ring._buf.cpu_view().view(fmt="Q"), w.put._buf.cpu_view().view(fmt="Q")
-  words = [_SEM_WAIT, ctypes.addressof(_sem)]  # the worker calls word 0 with the rest as arguments
   base = (put[0] % RING_SLOTS) * CMD_SIZE
-  ring[base:base + CMD_SIZE] = array.array("Q", words + [0] * (CMD_SIZE - len(words)))
+  ring[base:base + CMD_SIZE] = array.array("Q", words + [0] * (CMD_SIZE - len(words)))  # word 0 is called with the rest
   put[0] = put[0] + 1
   _libc.sem_post(ctypes.c_void_p(w.sem._buf.va_addr))
-  try: out = start()
+
+
+def _submitted(dev) -> None:
+  """Waits for the submitter to have copied every submitted pass into the compute queue."""
+  compute = dev.worker("COMPUTE:0")
+  for w in dev.workers:
+    if w is compute: continue
+    put, done = w.put._buf.cpu_view().view(fmt="Q"), w.done._buf.cpu_view().view(fmt="Q")
+    while done[0] < put[0]: time.sleep(20e-6)
+
+
+def launch(owner: object, request_id: str, start_pos: int, inp: Tensor, start: Callable[[], Tensor]) -> None:
+  """Puts a closed gate at the tail of inp's device's compute queue, start()s the pass behind it and a write to
+  the eventfd behind that, and holds the pass for take() (or release()). Not while another pass is held: the
+  queue would stop at that one."""
+  dev = Device[inp.device]
+  dev.synchronize()
+  _push(dev, [_SEM_WAIT, ctypes.addressof(_sem)])
+  try:
+    out = start()
+    _submitted(dev)
   except BaseException:
     _libc.sem_post(_sem)
     raise
+  _push(dev, [_WRITE, _ended, ctypes.addressof(_one), 8])
   global _held
   with _lock:
     assert _held is None, "one pass held at a time"
@@ -64,31 +88,63 @@ def launch(owner: object, request_id: str, start_pos: int, inp: Tensor, start: C
 
 def take(owner: object, request_id: str, start_pos: int) -> Held | None:
   """The held pass, if it is this step's: the caller then opens it."""
-  global _held
+  global _held, _released
   with _lock:
     if _held is None or (_held.owner, _held.request_id, _held.start_pos) != (owner, request_id, start_pos): return None
     h, _held = _held, None
+    h.skip, _released = _released, 0
   return h
 
 
-def run(h: Held, x: np.ndarray | None = None) -> None:
+def run(h: Held, x: np.ndarray) -> None:
   """Writes the step's input straight into its buffer (the pass waits, nothing else touches it) and lets the pass
-  run; on zeros without x. An x that does not fit runs zeros too, then raises: the queue never stays held."""
+  run. An x that does not fit runs zeros instead, as a dropped pass, then raises: the queue never stays held."""
   buf = h.inp.uop.buffer._buf
-  fits = x is not None and x.dtype == np.float32 and x.nbytes == buf.size
-  src = np.ascontiguousarray(x) if fits else np.zeros(buf.size, np.uint8)
-  ctypes.memmove(buf.va_addr, src.ctypes.data, buf.size)
+  if x.dtype != np.float32 or x.nbytes != buf.size:
+    drop(h)
+    raise ValueError(f"the held pass takes {buf.size} bytes of float32, not {x.dtype} {x.shape}")
+  ctypes.memmove(buf.va_addr, np.ascontiguousarray(x).ctypes.data, buf.size)
   _libc.sem_post(_sem)
-  if x is not None and not fits: raise ValueError(f"the held pass takes {buf.size} bytes of float32, not {x.dtype} {x.shape}")
+
+
+def drop(h: Held) -> None:
+  """Lets h run on zeros, its output unread: its end comes before the next taken pass's (Held.skip)."""
+  global _released
+  with _lock: _released += 1
+  buf = h.inp.uop.buffer._buf
+  ctypes.memset(buf.va_addr, 0, buf.size)
+  _libc.sem_post(_sem)
 
 
 def release(owner: object | None = None, request_id: str | None = None) -> None:
-  """Lets the held pass (of owner's request_id, if given) run on zeros, so the device's queue moves again."""
+  """Drops the held pass (of owner's request_id, if given), so the device's queue moves again."""
   global _held
   with _lock:
     if _held is None or (owner is not None and (_held.owner, _held.request_id) != (owner, request_id)): return
     h, _held = _held, None
-  run(h)
+  drop(h)
+
+
+def ended(h: Held) -> bool:
+  """Whether the taken pass h has run (reads what the eventfd holds: one reader at a time)."""
+  try: h.seen += int.from_bytes(os.read(_ended, 8), "little")
+  except BlockingIOError: pass
+  return h.seen > h.skip
+
+
+def wait(h: Held) -> None:
+  while not ended(h): select.select([_ended], [], [])
+
+
+def output(h: Held) -> np.ndarray:
+  """The ended pass's output, copied out of its buffer (no wait on the device: the queue ran it before the write)."""
+  buf, host = h.out.uop.base.buffer._buf, np.empty(h.out.shape, np.float32)
+  assert buf.size == host.nbytes, "a held pass's output is float32"
+  ctypes.memmove(host.ctypes.data, buf.va_addr, host.nbytes)
+  return host
+
+
+def fd() -> int: return _ended
 
 
 atexit.register(release)  # registered after tinygrad's own exit hook, so it runs first: that one waits for the queue
