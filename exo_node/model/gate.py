@@ -9,7 +9,7 @@ thread) instead of being polled for.
 One pass at most is held per process (every engine shares the device), and whatever else runs on the device first
 releases it (`release`): it then runs on zeros, into the one cache position its own step would overwrite."""
 from __future__ import annotations
-import array, atexit, ctypes, os, select, threading, time
+import array, atexit, ctypes, os, select, threading
 from dataclasses import dataclass
 from typing import Callable
 import numpy as np
@@ -63,7 +63,7 @@ def _submitted(dev) -> None:
   for w in dev.workers:
     if w is compute: continue
     put, done = w.put._buf.cpu_view().view(fmt="Q"), w.done._buf.cpu_view().view(fmt="Q")
-    while done[0] < put[0]: time.sleep(20e-6)
+    dev._wait_signal(done, put[0])  # how the device's own synchronize waits for a worker
 
 
 def launch(owner: object, request_id: str, start_pos: int, inp: Tensor, start: Callable[[], Tensor]) -> None:
