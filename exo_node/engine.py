@@ -208,7 +208,8 @@ class Engine:
     def ready() -> None:
       if not gate.ended(held): return
       loop.remove_reader(gate.fd())
-      if self._ended(held, d): _TINYGRAD.submit(self._launch_ahead, d.request_id)
+      # the next launch is queued behind the hand-on's send: woken first, the engine thread took the GIL from it
+      if self._ended(held, d): loop.call_soon(_TINYGRAD.submit, self._launch_ahead, d.request_id)
     loop.add_reader(gate.fd(), ready)
     return d.result
 
