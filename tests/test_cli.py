@@ -51,3 +51,12 @@ def test_prompt_over_the_context_is_refused():
 
 def test_a_batch_size_that_is_not_a_power_of_two_is_refused():
   _assert_clean_error(exo_node(*SOLO, "--max-batch", "3", "--prompt", "hi"), "--max-batch", "invalid choice: 3")
+
+
+@pytest.mark.parametrize("given, expected", [(None, "-event_engine_client,-event_engine_listener"), ("", ""), ("-some_flag", "-some_flag")])
+def test_grpc_runs_on_its_older_io_manager_unless_the_user_chose(given, expected):
+  import os, subprocess, sys
+  env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"} | ({} if given is None else {"GRPC_EXPERIMENTS": given})
+  code = "import os, exo_node, grpc; print(repr(os.environ['GRPC_EXPERIMENTS']))"
+  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+  assert r.returncode == 0 and r.stdout.strip() == repr(expected), r.stderr
