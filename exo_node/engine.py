@@ -2,7 +2,7 @@
 KV cache per request, TinyJit for fixed-size chunked prefill and for decode steps batched across requests, and a
 cap on sessions."""
 from __future__ import annotations
-import asyncio, logging, threading, time
+import asyncio, gc, logging, threading, time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +28,14 @@ def prefill_chunks(device: str) -> tuple[int, ...]:
   costs what its rows cost, padding included: 5 tokens take 10.9 ms in one 8-row step against 19.0 in a 16-row one,
   64 tokens 79 ms in 16-row steps against 88 in 8-row ones (SmolLM2, 2 cores)."""
   return (8, 16) if is_cpu(device) else (16,)
+
+
+def _freeze_heap() -> None:
+  """What a load or a capture made (millions of tinygrad objects, long-lived) leaves the cyclic GC's view: a full
+  collection over it stalled every thread of a node for 250-370 ms a few seconds after it was ready, which cost
+  one run in ~14 half its speed (3 nodes, 2-core CPU). Collected first, so no garbage of the moment stays."""
+  gc.collect()
+  gc.freeze()
 
 
 def replay(jit: TinyJit, *args: Tensor | UOp | int | None) -> Tensor:
@@ -89,6 +97,7 @@ class Engine:
     the model in; sessions of the old model are dropped."""
     def swap() -> ShardModel:
       self.model = None
+      gc.unfreeze()  # the old model's objects may be collected now
       with self._lock: self.sessions.clear(); self._spare.clear()
       program_cache.load()
       model = load()
@@ -100,6 +109,7 @@ class Engine:
       self._vn = UOp.variable("n", 1, self.chunk)
       self._vspan = UOp.variable("span", 1, model.max_context)
       self.model = model
+      _freeze_heap()
       return model
     return self.submit(swap)
 
@@ -112,6 +122,7 @@ class Engine:
       for c in self.chunks: self._chunk_pass(np.zeros((c, m.cfg.dim), np.float32), 0, caches[0], c)
       for b in sizes: self._decode_pass(np.zeros((b, 1, m.cfg.dim), np.float32), [0] * b, caches[:b])
       with self._lock: self._spare.extend(caches)
+      _freeze_heap()
     return self.submit(run)
 
   def _jit(self, kind: str, rows: int, positions: int) -> TinyJit:
@@ -131,7 +142,7 @@ class Engine:
     host_io.write(inp, x.astype(np.float32, copy=False))
     fresh = jit.captured is None
     out = replay(jit, inp, *args)
-    if fresh: program_cache.save()
+    if fresh: program_cache.save(); _freeze_heap()
     self._run_deferred()
     return host_io.read(out)
 
