@@ -122,7 +122,6 @@ class Engine:
       for c in self.chunks: self._chunk_pass(np.zeros((c, m.cfg.dim), np.float32), 0, caches[0], c)
       for b in sizes: self._decode_pass(np.zeros((b, 1, m.cfg.dim), np.float32), [0] * b, caches[:b])
       with self._lock: self._spare.extend(caches)
-      _freeze_heap()
     return self.submit(run)
 
   def _jit(self, kind: str, rows: int, positions: int) -> TinyJit:

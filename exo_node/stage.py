@@ -74,7 +74,8 @@ class Stage:
     done, thread = loop.create_future(), threading.get_ident()
     def hand_on(f: Future) -> None:
       if threading.get_ident() != thread:
-        if not loop.is_closed(): loop.call_soon_threadsafe(hand_on, f)
+        try: loop.call_soon_threadsafe(hand_on, f)
+        except RuntimeError: pass  # the loop is closed: the node is shutting down
         return
       if done.cancelled(): return
       try: done.set_result(self._hand_on(req, step, position, f.result()))
