@@ -128,7 +128,7 @@ class Orchestrator:
     try:
       if local: await self.stage.open(header)
       else: link = Link(self.stage.channels, plan.first.address, header, lambda err: self.stage.fail(rid, err))
-      if alone: self.stage.chain(rid, np.asarray(prefix, dtype=np.int64), more)
+      if alone: self.stage.chain(rid, np.asarray(prefix, dtype=np.int64), more, left)
       else: feed(0, 0, prefix)
       for step in range(left):
         try: _, tok = await asyncio.wait_for(tokens.get(), STEP_TIMEOUT)

@@ -1,8 +1,10 @@
-"""A pipeline's lone request runs its decode passes launched ahead of their input (model/gate.py): the same outputs,
-and whatever else needs the device lets a held pass go first, so nothing ever waits behind it."""
-import asyncio, threading, time
+"""A lone request runs its decode passes launched ahead of their input (model/gate.py): in a pipeline once its last
+pass has ended, on one node behind the pass that runs. The same outputs, and whatever else needs the device lets a
+held pass go first, so nothing ever waits behind it."""
+import asyncio, os, threading, time
 import numpy as np
 import pytest
+from tinygrad import Device
 from conftest import PROMPT_IDS
 from exo_node.engine import Engine
 from exo_node.model import gate
@@ -17,8 +19,10 @@ def first(weights): return Engine(lambda: load_shard(weights, 0, 15, max_context
 
 @pytest.fixture(scope="module")
 def plain(first) -> list[np.ndarray]:
-  """The hidden states of the prompt and of TOKENS through a request of one stage, which never launches ahead."""
-  out = steps(first, "plain", 1, len(TOKENS))
+  """The hidden states of the prompt and of TOKENS through plain passes, with the gate off."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(gate, "supported", lambda device: False)
+    out = steps(first, "plain", 1, len(TOKENS))
   first.free("plain")
   return out
 
@@ -108,3 +112,35 @@ def test_a_bad_step_into_a_held_pass_fails_alone_and_the_request_goes_on(first, 
   out += steps(first, "c", 2, 4, start=2)
   for a, b in zip(out, plain): np.testing.assert_array_equal(a, b)
   first.free("c")
+
+
+def test_one_nodes_lone_request_launches_each_pass_behind_the_running_one_with_the_same_output(first, plain):
+  """Each step's result is set with the next pass already launched behind it (Engine._launch_behind), on the decode
+  step's two captures in turn; the last step launches none."""
+  out = [first.forward("one", 0, np.array(PROMPT_IDS)).result(timeout=120)]
+  waiting, before = [], first.steps_ahead
+  for i, t in enumerate(TOKENS):
+    f = first.forward("one", len(PROMPT_IDS) + i, np.array([t]), last=i == len(TOKENS) - 1)
+    f.add_done_callback(lambda _: waiting.append(gate._held and gate._held.start_pos))  # as the result is set
+    out.append(f.result(timeout=120))
+  after = len(PROMPT_IDS) + len(TOKENS)
+  assert waiting == [*range(len(PROMPT_IDS) + 1, after), None]
+  assert first.steps_ahead - before == len(TOKENS) - 1  # the first decode step's pass was launched as it came
+  assert first._jits[("twin", 1, 1)].captured is not None
+  for a, b in zip(out, plain): np.testing.assert_array_equal(a, b)
+  first.free("one")
+
+
+def test_each_pass_end_is_read_as_its_own_so_a_released_pass_counts_for_the_next(first):
+  """Read late, the eventfd holds the end of a taken pass and that of a pass released behind it (as free() does while
+  a pass runs): the taken pass takes one, the next taken pass skips the other (Held.skip)."""
+  first.submit(lambda: Device[first.model.device].synchronize()).result(timeout=60)  # what earlier tests let go has run
+  gate.ended(gate.Held(None, "", 0, None, None, [], skip=1 << 30))  # and its ends are read
+  gate._released = 0
+  running = gate.Held(None, "a", 0, None, None, [])
+  os.eventfd_write(gate.fd(), 1); os.eventfd_write(gate.fd(), 1)  # its end, then the released pass's
+  assert gate.ended(running)
+  taken = gate.Held(None, "a", 1, None, None, [], skip=1)
+  assert not gate.ended(taken)
+  os.eventfd_write(gate.fd(), 1)
+  assert gate.ended(taken)

@@ -69,8 +69,9 @@ def test_bench_runs_a_shape_in_one_and_two_nodes(tmp_path):
 
 
 def test_a_warmed_engine_has_every_batch_size_captured_and_serves_batches_without_capturing():
-  """--warm: the prefill steps (of 8 and 16 positions on a CPU) and decode passes of 1, 2 and 4 rows are captured at
-  load, before any request; without it only the 8-position step, at first use."""
+  """--warm: the prefill steps (of 8 and 16 positions on a CPU) and decode passes of 1, 2 and 4 rows (and on a CPU
+  the one-row pass's twin, Engine._launch_behind) are captured at load, before any request; without it only the
+  8-position step, at first use."""
   from exo_node.engine import Engine
   from exo_node.model.loader import load_shard
   e = Engine(lambda: load_shard(MODEL, 0, 4, max_context=256), max_batch=4)
@@ -79,7 +80,7 @@ def test_a_warmed_engine_has_every_batch_size_captured_and_serves_batches_withou
   e.free("cold")
   e.warm().result(timeout=600)
   captured = set(e._jits)
-  assert captured == {("prefill", 1, 8), ("prefill", 1, 16), ("decode", 1, 1), ("decode", 2, 1), ("decode", 4, 1)}
+  assert captured == {("prefill", 1, 8), ("prefill", 1, 16), ("decode", 1, 1), ("twin", 1, 1), ("decode", 2, 1), ("decode", 4, 1)}
   want = greedy(e, "alone", PROMPT_IDS, 3)[0]
   first = {r: int(np.argmax(e.forward(r, 0, np.array(PROMPT_IDS)).result())) for r in ("w0", "w1", "w2")}
   gate = threading.Event()

@@ -35,7 +35,7 @@ class Metrics:
             "# HELP exo_decode_steps_total Decode forward passes of this node's engine, by how many requests shared one.",
             "# TYPE exo_decode_steps_total counter"]
     out += [f'exo_decode_steps_total{{batch="{b}"}} {n}' for b, n in sorted(decode_steps.items())]
-    out += ["# HELP exo_decode_steps_ahead_total Of those, passes launched before their input arrived (a pipeline's lone request, CPU).",
+    out += ["# HELP exo_decode_steps_ahead_total Of those, passes launched before their input arrived (a lone request, CPU: after its pass in a pipeline, behind it on one node).",
             "# TYPE exo_decode_steps_ahead_total counter", f"exo_decode_steps_ahead_total {steps_ahead}"]
     out += ["# HELP exo_time_to_first_token_seconds Time from request to first token.", "# TYPE exo_time_to_first_token_seconds histogram"]
     out += [f'exo_time_to_first_token_seconds_bucket{{le="{b}"}} {n}' for b, n in zip(TTFT_BUCKETS, self.ttft_counts)]

@@ -1,8 +1,9 @@
 """A decode pass launched ahead of its input, behind a gate on tinygrad's CPU compute queue (HCQ2). A pipeline node
 otherwise starts a pass only once its frame arrives, then writes the step's lengths, binds its variables and
 launches its ~270 kernels: all of it known a step ahead. Here the engine does that while the other nodes work, with
-a sem_wait at the head of the queue; the frame writes the input and posts the semaphore. A half-model pass of
-SmolLM2 from its input to its output: 3.3-3.9 ms launched at arrival, 2.9 ms launched ahead (one process, 2 cores).
+a sem_wait at the head of the queue; the frame writes the input (and the lengths) and posts the semaphore. A
+half-model pass of SmolLM2 from its input to its output: 3.3-3.9 ms launched at arrival, 2.9 ms launched ahead (one
+process, 2 cores). A lone request on one node launches each pass behind the one that runs (`launch(behind=True)`).
 Behind the pass the queue writes an eventfd, so its end wakes a reader at once (an asyncio loop, or a blocked
 thread) instead of being polled for.
 
@@ -24,7 +25,9 @@ _lock = threading.Lock()
 # one each for the process, never freed: the worker still touches the semaphore as a post wakes it
 _sem, _one = ctypes.create_string_buffer(32), ctypes.c_uint64(1)
 _sem_ok = _libc.sem_init(_sem, 0, 0) == 0  # not on macOS, which has only named semaphores
-_ended = os.eventfd(0, os.EFD_NONBLOCK) if _sem_ok else -1  # +1 as each held pass, run or released, ends
+# +1 as each held pass, run or released, ends; read one at a time (EFD_SEMAPHORE), so a pass's end stays its own
+# even when a released pass ends behind it before it is read
+_ended = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_SEMAPHORE) if _sem_ok else -1
 _released = 0  # passes released since the last take: their ends come before the next taken one's
 
 
@@ -35,6 +38,7 @@ class Held:
   start_pos: int
   inp: Tensor  # the step's input buffer: written when the gate opens
   out: Tensor  # the step's output, once the pass has run
+  writes: list[tuple[Tensor, np.ndarray]]  # more buffers of the pass, written as the gate opens (its row lengths)
   skip: int = 0  # released passes that end before this one
   seen: int = 0  # ends read so far
 
@@ -66,12 +70,14 @@ def _submitted(dev) -> None:
     dev._wait_signal(done, put[0])  # how the device's own synchronize waits for a worker
 
 
-def launch(owner: object, request_id: str, start_pos: int, inp: Tensor, start: Callable[[], Tensor]) -> None:
+def launch(owner: object, request_id: str, start_pos: int, inp: Tensor, start: Callable[[], Tensor],
+           writes: list[tuple[Tensor, np.ndarray]], behind: bool = False) -> None:
   """Puts a closed gate at the tail of inp's device's compute queue, start()s the pass behind it and a write to
   the eventfd behind that, and holds the pass for take() (or release()). Not while another pass is held: the
-  queue would stop at that one."""
+  queue would stop at that one. behind: a taken pass still runs, so the queue is not waited for."""
   dev = Device[inp.device]
-  dev.synchronize()
+  if behind: _submitted(dev)
+  else: dev.synchronize()
   _push(dev, [_SEM_WAIT, ctypes.addressof(_sem)])
   try:
     out = start()
@@ -83,7 +89,7 @@ def launch(owner: object, request_id: str, start_pos: int, inp: Tensor, start: C
   global _held
   with _lock:
     assert _held is None, "one pass held at a time"
-    _held = Held(owner, request_id, start_pos, inp, out)
+    _held = Held(owner, request_id, start_pos, inp, out, writes)
 
 
 def take(owner: object, request_id: str, start_pos: int) -> Held | None:
@@ -103,8 +109,15 @@ def run(h: Held, x: np.ndarray) -> None:
   if x.dtype != np.float32 or x.nbytes != buf.size:
     drop(h)
     raise ValueError(f"the held pass takes {buf.size} bytes of float32, not {x.dtype} {x.shape}")
-  ctypes.memmove(buf.va_addr, np.ascontiguousarray(x).ctypes.data, buf.size)
+  for t, data in [*h.writes, (h.inp, x)]: _poke(t, data)
   _libc.sem_post(_sem)
+
+
+def _poke(t: Tensor, data: np.ndarray) -> None:
+  """A raw write into t's buffer: tinygrad's own copy-in waits for the queue first, which the gate holds."""
+  buf = t.uop.buffer._buf
+  assert buf.size == data.nbytes, "a raw write fills the whole buffer"
+  ctypes.memmove(buf.va_addr, np.ascontiguousarray(data).ctypes.data, buf.size)
 
 
 def drop(h: Held) -> None:
@@ -126,10 +139,12 @@ def release(owner: object | None = None, request_id: str | None = None) -> None:
 
 
 def ended(h: Held) -> bool:
-  """Whether the taken pass h has run (reads what the eventfd holds: one reader at a time)."""
-  try: h.seen += int.from_bytes(os.read(_ended, 8), "little")
-  except BlockingIOError: pass
-  return h.seen > h.skip
+  """Whether the taken pass h has run (reads the ends the eventfd holds up to h's: one reader at a time)."""
+  while h.seen <= h.skip:
+    try: os.read(_ended, 8)
+    except BlockingIOError: return False
+    h.seen += 1
+  return True
 
 
 def wait(h: Held) -> None:

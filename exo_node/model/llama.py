@@ -120,9 +120,12 @@ class ShardModel:
       if kernels.scores_apply(self.device, cfg.head_dim) and self.kv_dtype == dtypes.float32 else None
 
   def set_counts(self, starts: list[int]) -> None:
-    if self.counts is None: return
+    if self.counts is not None: host_io.write(self.counts, self.count_values(starts))
+
+  def count_values(self, starts: list[int]) -> np.ndarray:
+    """What set_counts writes, for a caller that writes it raw (model/gate.py)."""
     assert len(starts) <= MAX_ROWS, f"a step takes at most {MAX_ROWS} rows"
-    host_io.write(self.counts, np.array([p + 1 for p in starts] + [1] * (MAX_ROWS - len(starts)), np.int32))
+    return np.array([p + 1 for p in starts] + [1] * (MAX_ROWS - len(starts)), np.int32)
 
   @property
   def is_first(self) -> bool: return self.start == 0
