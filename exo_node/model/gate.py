@@ -8,7 +8,7 @@ Behind the pass the queue writes an eventfd, so its end wakes a reader at once (
 thread) instead of being polled for.
 
 One pass at most is held per process (every engine shares the device), and whatever else runs on the device first
-releases it (`release`): it then runs on zeros, into the one cache position its own step would overwrite."""
+releases it (`release`): its kernels then become no-ops, and the queue runs on."""
 from __future__ import annotations
 import array, atexit, ctypes, os, select, threading
 from dataclasses import dataclass
@@ -16,11 +16,12 @@ from typing import Callable
 import numpy as np
 from tinygrad import Device, Tensor
 from tinygrad.helpers import getenv
-from tinygrad.runtime.ops_cpu import CMD_SIZE, RING_SLOTS
+from tinygrad.runtime.ops_cpu import CMD_SIZE, RING_SLOTS, signal_prog, timestamp_prog, wait_prog
 from exo_node.device import is_cpu
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_SEM_WAIT, _WRITE = (ctypes.cast(f, ctypes.c_void_p).value for f in (_libc.sem_wait, _libc.write))
+# labs: a call in place of a released pass's kernel, which takes their arguments and does nothing with them
+_SEM_WAIT, _WRITE, _NOOP = (ctypes.cast(f, ctypes.c_void_p).value for f in (_libc.sem_wait, _libc.write, _libc.labs))
 _lock = threading.Lock()
 # one each for the process, never freed: the worker still touches the semaphore as a post wakes it
 _sem, _one = ctypes.create_string_buffer(32), ctypes.c_uint64(1)
@@ -39,6 +40,7 @@ class Held:
   inp: Tensor  # the step's input buffer: written when the gate opens
   out: Tensor  # the step's output, once the pass has run
   writes: list[tuple[Tensor, np.ndarray]]  # more buffers of the pass, written as the gate opens (its row lengths)
+  calls: range  # the pass's entries in the compute queue's ring, between the gate and the eventfd write
   skip: int = 0  # released passes that end before this one
   seen: int = 0  # ends read so far
 
@@ -51,14 +53,19 @@ def supported(device: str) -> bool:
   return _sem_ok and is_cpu(device) and bool(getenv("HCQ2")) and hasattr(Device[device], "worker")
 
 
-def _push(dev, words: list[int]) -> None:
-  """Appends one call to the compute queue; its submitter (the other worker) must be idle: it bumps put too."""
+def _ring(dev): return dev.worker("COMPUTE:0").ring._buf.cpu_view().view(fmt="Q")
+
+
+def _push(dev, words: list[int]) -> int:
+  """Appends one call to the compute queue, and says where; its submitter (the other worker) must be idle: it bumps
+  put too."""
   w = dev.worker("COMPUTE:0")
-  ring, put = w.ring._buf.cpu_view().view(fmt="Q"), w.put._buf.cpu_view().view(fmt="Q")
-  base = (put[0] % RING_SLOTS) * CMD_SIZE
+  ring, put = _ring(dev), w.put._buf.cpu_view().view(fmt="Q")
+  base, at = (put[0] % RING_SLOTS) * CMD_SIZE, put[0]
   ring[base:base + CMD_SIZE] = array.array("Q", words + [0] * (CMD_SIZE - len(words)))  # word 0 is called with the rest
-  put[0] = put[0] + 1
+  put[0] = at + 1
   _libc.sem_post(ctypes.c_void_p(w.sem._buf.va_addr))
+  return at
 
 
 def _submitted(dev) -> None:
@@ -78,18 +85,18 @@ def launch(owner: object, request_id: str, start_pos: int, inp: Tensor, start: C
   dev = Device[inp.device]
   if behind: _submitted(dev)
   else: dev.synchronize()
-  _push(dev, [_SEM_WAIT, ctypes.addressof(_sem)])
+  gate = _push(dev, [_SEM_WAIT, ctypes.addressof(_sem)])
   try:
     out = start()
     _submitted(dev)
   except BaseException:
     _libc.sem_post(_sem)
     raise
-  _push(dev, [_WRITE, _ended, ctypes.addressof(_one), 8])
+  end = _push(dev, [_WRITE, _ended, ctypes.addressof(_one), 8])
   global _held
   with _lock:
     assert _held is None, "one pass held at a time"
-    _held = Held(owner, request_id, start_pos, inp, out, writes)
+    _held = Held(owner, request_id, start_pos, inp, out, writes, range(gate + 1, end))
 
 
 def take(owner: object, request_id: str, start_pos: int) -> Held | None:
@@ -104,7 +111,7 @@ def take(owner: object, request_id: str, start_pos: int) -> Held | None:
 
 def run(h: Held, x: np.ndarray) -> None:
   """Writes the step's input straight into its buffer (the pass waits, nothing else touches it) and lets the pass
-  run. An x that does not fit runs zeros instead, as a dropped pass, then raises: the queue never stays held."""
+  run. An x that does not fit drops the pass instead, then raises: the queue never stays held."""
   buf = h.inp.uop.buffer._buf
   if x.dtype != np.float32 or x.nbytes != buf.size:
     drop(h)
@@ -121,11 +128,16 @@ def _poke(t: Tensor, data: np.ndarray) -> None:
 
 
 def drop(h: Held) -> None:
-  """Lets h run on zeros, its output unread: its end comes before the next taken pass's (Held.skip)."""
+  """Lets h go with its kernels made no-ops, its output unread: its end comes before the next taken pass's
+  (Held.skip). The queue's own calls stay (tinygrad's signals and waits), and the worker, stopped at the gate, has
+  not read them yet. Run on zeros instead, a released pass held up whatever had released it for a whole pass (one
+  node: ~7 ms)."""
   global _released
   with _lock: _released += 1
-  buf = h.inp.uop.buffer._buf
-  ctypes.memset(buf.va_addr, 0, buf.size)
+  dev = Device[h.inp.device]
+  ring, own = _ring(dev), {dev.prgs[f].addr for f in (signal_prog, wait_prog, timestamp_prog)}
+  for i in h.calls:
+    if ring[w := (i % RING_SLOTS) * CMD_SIZE] not in own: ring[w] = _NOOP
   _libc.sem_post(_sem)
 
 
