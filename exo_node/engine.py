@@ -83,7 +83,7 @@ class Engine:
     self._spare: list[list[Tensor]] = []  # caches of ended requests, for the next ones: a new cache costs ~12 ms on a CPU
     self._decodes: list[Decode] = []  # single-token steps waiting to share the next forward pass
     self._prefills, self._in_pass = 0, False  # prompts submitted as chunks and not done yet; a decode pass is running
-    self._opened = False  # a pass launched ahead was opened by its step's caller and is running (_start_ahead)
+    self._opened: gate.Held | None = None  # a pass launched ahead, opened by its step's caller, until read (_start_ahead)
     self._jobs = 0  # submitted and not started: a pass launched ahead would hold them up
     self._done_at, self._gap = 0.0, AHEAD_WAIT_S * 2  # when the last pass ended; from then to its request's next step
     self.decode_steps: Counter[int] = Counter()  # forward passes by batch size, for /metrics
@@ -153,7 +153,7 @@ class Engine:
     the pass starts."""
     with self._lock:
       self._deferred.append(fn)
-      ahead = self._opened
+      ahead = self._opened is not None
       if not ahead and len(self._deferred) == 1 and not self._decodes: _TINYGRAD.submit(self._run_deferred)
     if ahead: self._run_deferred()
 
@@ -176,10 +176,15 @@ class Engine:
 
   def _decode_pass(self, x: np.ndarray, starts: list[int], caches: list[list[Tensor]]) -> np.ndarray:
     """One decode pass: row b of x (B, 1, dim) at position starts[b] of caches[b], all over the longest span. The
-    one-row pass's twin (_launch_behind) is captured with it: the same pass again, which rewrites the same entries."""
+    one-row pass's twin (_launch_behind) is captured with it: the same pass again, which rewrites the same entries.
+    A one-row pass replays the capture that a pass opened by its step's caller (_start_ahead) did not: that pass's
+    output waits in its capture's buffer until it is read, and the steps queued before its collection run first."""
     self.model.set_counts(starts)
-    out = self._run("decode", x, *(args := self._decode_args(starts, caches)))
-    if len(x) == 1 and not self._can_launch("twin") and gate.supported(self.model.device): self._run("twin", x, *args)
+    args = self._decode_args(starts, caches)
+    if len(x) > 1 or not gate.supported(self.model.device): return self._run("decode", x, *args)
+    opened = self._opened
+    out = self._run("twin" if opened is not None and opened.inp is self._inputs.get(self._jits.get(("decode", 1, 1))) else "decode", x, *args)
+    if not self._can_launch("twin"): self._run("twin", x, *args)
     return out
 
   def _decode_args(self, starts: list[int], caches: list[list[Tensor]]) -> tuple:
@@ -243,7 +248,7 @@ class Engine:
     """A step whose pass waits launched (_launch_ahead) opens it on the caller's thread. On an event loop the loop
     also takes the result, woken by the pass's end (gate.fd): the engine thread's poll and its hand-off to the loop
     are off the path too. Elsewhere the engine thread waits for it."""
-    with self._lock: self._opened = True
+    with self._lock: self._opened = held
     try: self._open(held, d.data)
     except Exception as e:
       self._ended(held, d, e)
@@ -285,7 +290,7 @@ class Engine:
 
   def _ended(self, held: gate.Held, d: Decode, error: Exception | None = None) -> bool:
     """Settles a step whose pass launched ahead has run (or failed to open); whether it succeeded."""
-    with self._lock: self._opened = False
+    with self._lock: self._opened = None
     try:
       if error is not None: raise error
       out, s = gate.output(held), self._session(d.request_id, d.start_pos, 1)

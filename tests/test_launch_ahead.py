@@ -160,3 +160,28 @@ def test_a_released_pass_runs_none_of_its_kernels_and_the_request_goes_on(first,
   out += steps(first, "n", 2, 4, start=2)
   for a, b in zip(out, plain): np.testing.assert_array_equal(a, b)
   first.free("n")
+
+
+def test_a_prompt_that_comes_while_a_pass_runs_behind_another_leaves_its_output_alone(first, plain):
+  """One node: a step's callback sends a new prompt (9 positions: a chunk of 8 and a lone one-row pass) just before
+  the lone request's next step, whose pass was launched behind and is opened now. The prompt's passes run before
+  that step is collected, and none of them may replay the capture whose output the step has not read yet. Twice:
+  launches take the decode step's two captures in turn, so one of the two rounds opens each."""
+  prompt = [*PROMPT_IDS, 11, 12, 13, 14]
+  want = first.forward("ref", 0, np.array(prompt)).result(timeout=120)
+  first.free("ref")
+  for r in range(2):
+    out, done = [first.forward("one", 0, np.array(PROMPT_IDS)).result(timeout=120)], threading.Event()
+    def step(i: int) -> None:
+      def next_step(f) -> None:
+        out.append(f.result())
+        if i + 1 == len(TOKENS): return done.set()
+        if i == 1: prompts.append(first.forward("p", 0, np.array(prompt)))  # queued before the next step's collect
+        step(i + 1)
+      first.forward("one", len(PROMPT_IDS) + i, np.array(TOKENS[i:i + 1])).add_done_callback(next_step)
+    prompts: list = []
+    step(0)
+    assert done.wait(120)
+    for a, b in zip(out, plain): np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(prompts[0].result(timeout=120), want)
+    first.free("one"); first.free("p")
