@@ -1,6 +1,7 @@
 """A stage hands a pass's result on from the pass's own completion: inline when it completes on the event loop's
-thread, through the loop when it completes elsewhere, and never for a step whose caller has given up on it."""
-import asyncio, threading
+thread, through the loop when it completes elsewhere, and never for a step whose caller has given up on it. A
+request of one node alone chains its steps on the engine thread and hands its tokens to the loop."""
+import asyncio, queue, threading
 from concurrent.futures import Future
 from types import SimpleNamespace
 import numpy as np
@@ -63,4 +64,39 @@ def test_a_step_given_up_on_hands_nothing_on_and_a_failed_pass_fails_its_step():
     done = stage.step("r", 1, 5, np.zeros((1, 576), np.float32))
     failing.set_exception(ValueError("a bad step"))
     assert isinstance(done.exception(), ValueError) and sent.frames == []
+  asyncio.run(run())
+
+
+class ChainEngine:
+  """Completes each step on a thread of its own, as the engine thread does, with logits whose greedy token is 7; and
+  runs deferred work at once, as Engine.defer does while a pass is opened."""
+  def __init__(self):
+    self.model, self.calls, self.steps = SimpleNamespace(start=0, end=30), [], queue.Queue()
+    self.logits = np.zeros(50, np.float32); self.logits[7] = 1
+    threading.Thread(target=self._run, daemon=True).start()  # daemon: a deadlocked step must not keep the tests alive
+  def _run(self) -> None:
+    while True: self.steps.get().set_result(self.logits)
+  def forward(self, rid: str, pos: int, data: np.ndarray, last: bool = False) -> Future:
+    self.calls.append((pos, last))
+    self.steps.put(f := Future())
+    return f
+  def defer(self, fn) -> None: fn()
+  def free(self, rid: str) -> None: pass
+
+
+def test_a_chain_hands_its_tokens_on_while_the_engine_runs_deferred_work_at_once_and_marks_the_last_step():
+  async def run() -> None:
+    engine = ChainEngine()
+    stage = Stage("a", engine, channels=None, n_layers=30)
+    alone = Plan((Shard("a", "127.0.0.1:1", 0, 30),)).to_proto()
+    await stage.open(pb.Header(request_id="r", plan=alone, sampling=pb.Sampling(temperature=0)))
+    got, all_in = [], asyncio.Event()
+    def deliver(step: int, tok: int) -> None:
+      got.append((step, tok))
+      if len(got) == 4: all_in.set()
+    stage.deliver["r"] = deliver
+    stage.chain("r", np.array([1, 2, 3]), lambda step, tok: step + 1 < 4, 4)
+    await asyncio.wait_for(all_in.wait(), 5)
+    assert got == [(s, 7) for s in range(4)]
+    assert engine.calls == [(0, False), (3, False), (4, False), (5, True)]  # no pass goes in behind the last step
   asyncio.run(run())
