@@ -91,7 +91,6 @@ class Engine:
     self._lock = threading.Condition()  # guards sessions and the queue; notified when a step joins the queue
     self._mates: dict[str, frozenset[str]] = {}  # request -> the requests of the last pass it ran in
     self._deferred: list[Callable[[], None]] = []  # see defer
-    self._twin = False  # the last pass launched through the gate replayed the twin capture
     if load is not None: self.load(load).result()
 
   def load(self, load: Callable[[], ShardModel]) -> Future[ShardModel]:
@@ -177,15 +176,20 @@ class Engine:
   def _decode_pass(self, x: np.ndarray, starts: list[int], caches: list[list[Tensor]]) -> np.ndarray:
     """One decode pass: row b of x (B, 1, dim) at position starts[b] of caches[b], all over the longest span. The
     one-row pass's twin (_launch_behind) is captured with it: the same pass again, which rewrites the same entries.
-    A one-row pass replays the capture that a pass opened by its step's caller (_start_ahead) did not: that pass's
-    output waits in its capture's buffer until it is read, and the steps queued before its collection run first."""
+    A one-row pass stays off the capture of a pass opened by its step's caller (_start_ahead): that pass's output
+    waits in its capture's buffer until it is read, and the steps queued before its collection run first."""
     self.model.set_counts(starts)
     args = self._decode_args(starts, caches)
     if len(x) > 1 or not gate.supported(self.model.device): return self._run("decode", x, *args)
-    opened = self._opened
-    out = self._run("twin" if opened is not None and opened.inp is self._inputs.get(self._jits.get(("decode", 1, 1))) else "decode", x, *args)
+    out = self._run(self._capture_beside(self._opened), x, *args)
     if not self._can_launch("twin"): self._run("twin", x, *args)
     return out
+
+  def _capture_beside(self, busy: gate.Held | None) -> str:
+    """The one-row decode capture that busy, a pass whose output is not read yet, does not replay: a replay of
+    its capture would overwrite that output, and behind a running pass it would wait for it (_launch_behind)."""
+    decode = self._jits.get(("decode", 1, 1))
+    return "twin" if busy is not None and decode is not None and busy.inp is self._inputs.get(decode) else "decode"
 
   def _decode_args(self, starts: list[int], caches: list[list[Tensor]]) -> tuple:
     return (1, self._vspan.bind(max(starts) + 1), *(self._vpos[b].bind(p) for b, p in enumerate(starts)), *(t for kv in caches for t in kv))
@@ -204,16 +208,17 @@ class Engine:
       s = self.sessions[request_id]
     self._launch(request_id, s.pos, s.kv)
 
-  def _launch_behind(self, request_id: str, pos: int) -> None:
+  def _launch_behind(self, running: gate.Held, pos: int) -> None:
     """While a lone request's pass runs, its next pass goes in behind it, gated like a pass launched ahead: the
     launch (~0.5 ms on a CPU) and the wait for the end (polled, see device._quiet_cpu_waits) leave the path between
     two passes, which is now the sampling and the gate's wake-ups: 122 -> 135 tok/s on one node (SmolLM2, 2 cores,
     alternating runs). tinygrad fences each capture's replay on its previous run (its submit worker spins until
-    then), so passes in turn replay the one-row decode step and a second capture of it, the twin (_decode_pass)."""
+    then), so the next pass replays whichever of the one-row decode step and a second capture of it, the twin
+    (_decode_pass), the running one does not."""
     with self._lock:
-      if not (self._can_launch("twin") and self._lone(request_id) and pos < self.model.max_context): return
-      kv = self.sessions[request_id].kv
-    self._launch(request_id, pos, kv, behind=True)
+      if not (self._can_launch("twin") and self._lone(running.request_id) and pos < self.model.max_context): return
+      kv = self.sessions[running.request_id].kv
+    self._launch(running.request_id, pos, kv, behind=running)
 
   def _launch_lone(self, d: Decode) -> gate.Held | None:
     """A lone request's step that found no pass waiting for it goes through the gate too, so the next one can
@@ -233,11 +238,11 @@ class Engine:
     jit = self._jits.get((kind, 1, 1))
     return jit is not None and jit.captured is not None and gate.supported(self.model.device)
 
-  def _launch(self, request_id: str, pos: int, kv: list[Tensor], behind: bool = False) -> None:
-    self._twin = not self._twin and self._can_launch("twin")  # every other launch: see _launch_behind
-    m, jit = self.model, self._jits[("twin" if self._twin else "decode", 1, 1)]
+  def _launch(self, request_id: str, pos: int, kv: list[Tensor], behind: gate.Held | None = None) -> None:
+    """behind: the pass that still runs, if any."""
+    m, jit = self.model, self._jits[(self._capture_beside(behind), 1, 1)]
     inp, writes = self._inputs[jit], [] if m.counts is None else [(m.counts, m.count_values([pos]))]
-    gate.launch(self, request_id, pos, inp, lambda: replay(jit, inp, *self._decode_args([pos], [kv])), writes, behind)
+    gate.launch(self, request_id, pos, inp, lambda: replay(jit, inp, *self._decode_args([pos], [kv])), writes, behind is not None)
 
   def _lone(self, request_id: str) -> bool:
     """request_id is the only request here and nothing waits for the engine (with its lock held)."""
@@ -283,7 +288,7 @@ class Engine:
     error = None
     try:
       self._run_deferred()
-      if d.stages == 1 and not d.last: self._launch_behind(d.request_id, d.start_pos + 1)
+      if d.stages == 1 and not d.last: self._launch_behind(held, d.start_pos + 1)
     except Exception as e: error = e
     gate.wait(held)
     if self._ended(held, d, error) and d.stages > 1: self._launch_ahead(d.request_id)

@@ -165,8 +165,9 @@ def test_a_released_pass_runs_none_of_its_kernels_and_the_request_goes_on(first,
 def test_a_prompt_that_comes_while_a_pass_runs_behind_another_leaves_its_output_alone(first, plain):
   """One node: a step's callback sends a new prompt (9 positions: a chunk of 8 and a lone one-row pass) just before
   the lone request's next step, whose pass was launched behind and is opened now. The prompt's passes run before
-  that step is collected, and none of them may replay the capture whose output the step has not read yet. Twice:
-  launches take the decode step's two captures in turn, so one of the two rounds opens each."""
+  that step is collected, and none of them may replay the capture whose output the step has not read yet: that
+  step's pass replays the decode step's own capture (the first lone step takes it, the next the twin, the next it
+  again), which the prompt's one-row pass would take too. Twice, the second time on captures already used."""
   prompt = [*PROMPT_IDS, 11, 12, 13, 14]
   want = first.forward("ref", 0, np.array(prompt)).result(timeout=120)
   first.free("ref")
