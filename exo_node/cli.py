@@ -33,7 +33,7 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
   a("--max-batch", type=int, default=8, choices=(1, 2, 4, 8, 16), help="decode steps of concurrent requests that share one forward pass")
   a("--warm", action="store_true", help="capture the prefill steps and every decode batch size up to --max-batch before serving (no first-use stalls; on a CPU it adds the 16-position prefill step)")
   a("--drain-timeout", type=float, default=10.0, help="at SIGTERM, seconds that running requests get to finish")
-  a("--beam", type=int, default=0, help="tinygrad BEAM search width for kernels (cached across runs)")
+  a("--beam", type=int, default=0, help="tinygrad BEAM search width for the decode steps' kernels (cached across runs)")
   a("--prompt", default=None, help="generate once through the cluster, print the completion and exit")
   a("--raw", action="store_true", help="no chat template: plain completion")
   a("--max-tokens", type=int, default=256)
@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> None:
   logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   try:
     from exo_node import device
-    if cfg.beam: os.environ["JITBEAM"] = str(cfg.beam)
     device.bind(cfg.gpu, cfg.device)
     code = asyncio.run(run(cfg))
   except ExoError as e:

@@ -3,12 +3,14 @@ KV cache per request, TinyJit for fixed-size chunked prefill and for decode step
 cap on sessions."""
 from __future__ import annotations
 import asyncio, gc, logging, threading, time
+from contextlib import nullcontext
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp
+from tinygrad.helpers import Context
 from exo_node.device import is_cpu
 from exo_node.errors import ExoError
 from exo_node.model import gate, host_io, program_cache
@@ -74,9 +76,10 @@ class Decode:
 
 class Engine:
   def __init__(self, load: Callable[[], ShardModel] | None = None, max_sessions: int = 16, chunks: tuple[int, ...] | None = None,
-               max_batch: int = 8, gather_s: float = GATHER_S):
-    """chunks: the sizes of prefill steps, in prompt positions (default: prefill_chunks of the model's device)."""
-    self.max_sessions, self.max_batch, self.gather_s = max_sessions, max_batch, gather_s
+               max_batch: int = 8, gather_s: float = GATHER_S, beam: int = 0):
+    """chunks: the sizes of prefill steps, in prompt positions (default: prefill_chunks of the model's device).
+    beam: tinygrad's BEAM width for the kernels of decode steps, searched as each is captured (see _run)."""
+    self.max_sessions, self.max_batch, self.gather_s, self.beam = max_sessions, max_batch, gather_s, beam
     self._chunks, self.chunks, self.chunk = chunks, (), 0  # set with the model; chunk: the largest
     self.model: ShardModel | None = None
     self.sessions: dict[str, Session] = {}
@@ -108,7 +111,9 @@ class Engine:
       self._inputs: dict[TinyJit, Tensor] = {}
       self._vpos = [UOp.variable(f"start_pos{b}", 0, model.max_context - 1) for b in range(self.max_batch)]
       self._vn = UOp.variable("n", 1, self.chunk)
-      self._vspan = UOp.variable("span", 1, model.max_context)
+      # a decode step's last attended position, its span less one: tinygrad's CUDA graph builds its nodes with every
+      # variable at 0, and a kernel whose grid is the span got an empty grid there (CUDA Error 1, invalid argument)
+      self._vlast = UOp.variable("last", 0, model.max_context - 1)
       self.model = model
       _freeze_heap()
       return model
@@ -141,7 +146,9 @@ class Engine:
     if (inp := self._inputs.get(jit)) is None: inp = self._inputs[jit] = Tensor.empty(*x.shape, device=self.model.device).realize()
     host_io.write(inp, x.astype(np.float32, copy=False))
     fresh = jit.captured is None
-    out = replay(jit, inp, *args)
+    # decode steps set the speed of a stream: their kernels are searched (~90 s for a 1B shape on an H100: 73 -> 299
+    # tok/s), prefill's keep tinygrad's heuristics (searching its 16-row kernels took minutes more)
+    with Context(BEAM=self.beam) if fresh and kind != "prefill" and self.beam else nullcontext(): out = replay(jit, inp, *args)
     if fresh: program_cache.save(); _freeze_heap()
     self._run_deferred()
     return host_io.read(out)
@@ -192,7 +199,7 @@ class Engine:
     return "twin" if busy is not None and decode is not None and busy.inp is self._inputs.get(decode) else "decode"
 
   def _decode_args(self, starts: list[int], caches: list[list[Tensor]]) -> tuple:
-    return (1, self._vspan.bind(max(starts) + 1), *(self._vpos[b].bind(p) for b, p in enumerate(starts)), *(t for kv in caches for t in kv))
+    return (1, self._vlast.bind(max(starts)), *(self._vpos[b].bind(p) for b, p in enumerate(starts)), *(t for kv in caches for t in kv))
 
   def _launch_ahead(self, request_id: str) -> None:
     """After a pipeline step of the only request here, its next pass goes in behind a gate that the next frame's
@@ -305,13 +312,13 @@ class Engine:
     self._settle([(d, s)], out)
     return True
 
-  def _step(self, x: Tensor, n: UOp | int, span: UOp | None, *rest: UOp | Tensor) -> Tensor:
-    """span: None for prefill, else the decode step's attention span; rest: the B rows' bound start positions, then
+  def _step(self, x: Tensor, n: UOp | int, last: UOp | None, *rest: UOp | Tensor) -> Tensor:
+    """last: None for prefill, else the decode step's last attended position; rest: the B rows' bound start positions, then
     their KV buffers (B x blocks). TinyJit only binds variables passed as top-level arguments."""
     B = x.shape[0]
     kv, per = rest[B:], len(rest[B:]) // B
     # contiguous: the result is read raw from its buffer, which a view of it would not be
-    return self.model(x, [Row(list(kv[b * per:(b + 1) * per]), rest[b]) for b in range(B)], n, span).contiguous().realize()
+    return self.model(x, [Row(list(kv[b * per:(b + 1) * per]), rest[b]) for b in range(B)], n, None if last is None else last + 1).contiguous().realize()
 
   def submit(self, fn: Callable[[], R]) -> Future[R]:
     """fn runs on the engine thread, once a pass launched ahead has been let go (_launch_ahead): it holds the device."""

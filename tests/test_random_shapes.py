@@ -1,6 +1,6 @@
 """Random-weight models of a named shape (`--model random:NAME`): the same weights on every node, token ids in and
 out, and the bench runs on them without a weight file."""
-import json, subprocess, sys, threading
+import json, os, subprocess, sys, threading
 from pathlib import Path
 import grpc
 import numpy as np
@@ -89,3 +89,32 @@ def test_a_warmed_engine_has_every_batch_size_captured_and_serves_batches_withou
   gate.set()
   assert [[first[r], int(np.argmax(f.result()))] for r, f in steps.items()] == [want[:2]] * 3
   assert set(e._jits) == captured and e.decode_steps[3] == 1
+
+
+BEAM_SCRIPT = """
+import json
+import numpy as np
+from tinygrad.codegen.opt import search
+from exo_node.engine import Engine
+from exo_node.model.loader import load_shard
+searched = []
+search.beam_search = lambda k, *a: searched.append(k.ast) or k  # records what would be searched, keeps the heuristics' kernel
+e = Engine(lambda: load_shard("random:llama-tiny", 0, 4, max_context=64), max_batch=1, beam=2)
+counts = [len(searched)]
+tok = int(np.argmax(e.forward("a", 0, np.array([1, 2, 3])).result()))
+counts.append(len(searched))
+for pos in (3, 4, 5):
+  tok = int(np.argmax(e.forward("a", pos, np.array([tok])).result()))
+  counts.append(len(searched))
+print(json.dumps(counts))
+"""
+
+
+def test_beam_searches_the_decode_steps_kernels_and_leaves_prefill_to_the_heuristics():
+  """--beam N: a decode step's kernels are searched as it is captured (they set a stream's speed); prefill's are
+  not (searching its kernels took minutes more on an H100), and a replay searches nothing."""
+  env = {**os.environ, "CACHELEVEL": "0"}  # nothing from an earlier search on disk
+  p = subprocess.run([sys.executable, "-c", BEAM_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  load, prefill, first, *later = json.loads(p.stdout.splitlines()[-1])
+  assert load == prefill and first > prefill and later == [first] * len(later)
