@@ -28,13 +28,24 @@ def plain(first) -> list[np.ndarray]:
 
 
 def steps(e: Engine, rid: str, stages: int, n: int, start: int = 0) -> list[np.ndarray]:
-  """The prompt (unless start > 0), then TOKENS[start:n] as single steps, each after the time another node's pass
-  would take: a step that comes sooner finds its pass not launched yet (Engine._launch_ahead waits first)."""
+  """The prompt (unless start > 0), then TOKENS[start:n] as single steps. A lone request's pipeline step comes once
+  its pass is launched ahead, as the other nodes' passes give it time to (a step that comes sooner finds none:
+  Engine._launch_ahead waits first), except the first one here, whose pass no earlier step launched; the others
+  after 5 ms."""
   out = [] if start else [e.forward(rid, 0, np.array(PROMPT_IDS), stages=stages).result(timeout=120)]
   for i in range(start, n):
-    time.sleep(0.005)
-    out.append(e.forward(rid, len(PROMPT_IDS) + i, np.array(TOKENS[i:i + 1]), stages=stages).result(timeout=120))
+    pos = len(PROMPT_IDS) + i
+    if stages > 1 and i > start and list(e.sessions) == [rid]: launched(rid, pos)
+    else: time.sleep(0.005)
+    out.append(e.forward(rid, pos, np.array(TOKENS[i:i + 1]), stages=stages).result(timeout=120))
   return out
+
+
+def launched(rid: str, pos: int, timeout: float = 10) -> bool:
+  """Whether rid's pass at pos is held, waiting for it to be launched (on a loaded machine the launch takes longer)."""
+  deadline = time.monotonic() + timeout
+  while not ((h := gate._held) and (h.request_id, h.start_pos) == (rid, pos)) and time.monotonic() < deadline: time.sleep(0.001)
+  return time.monotonic() < deadline
 
 
 def held() -> gate.Held | None:
@@ -59,7 +70,8 @@ def test_on_an_event_loop_the_loop_itself_takes_each_result_when_its_pass_ends(f
   async def run() -> tuple[list[np.ndarray], list[str]]:
     out, threads = [], []
     for i in range(len(TOKENS) + 1):
-      await asyncio.sleep(0.005)
+      if i >= 2: await asyncio.to_thread(launched, "loop", len(PROMPT_IDS) + i - 1)  # the prompt and the first decode step come first
+      else: await asyncio.sleep(0.005)
       f = first.forward("loop", 0, np.array(PROMPT_IDS), stages=2) if i == 0 else \
           first.forward("loop", len(PROMPT_IDS) + i - 1, np.array(TOKENS[i - 1:i]), stages=2)
       f.add_done_callback(lambda _: threads.append(threading.current_thread().name))
