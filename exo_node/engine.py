@@ -313,12 +313,13 @@ class Engine:
     return True
 
   def _step(self, x: Tensor, n: UOp | int, last: UOp | None, *rest: UOp | Tensor) -> Tensor:
-    """last: None for prefill, else the decode step's last attended position; rest: the B rows' bound start positions, then
-    their KV buffers (B x blocks). TinyJit only binds variables passed as top-level arguments."""
+    """last: None for prefill, else the decode step's last attended position; rest: the B rows' bound start
+    positions, then their KV buffers (B x blocks). TinyJit only binds variables passed as top-level arguments."""
     B = x.shape[0]
     kv, per = rest[B:], len(rest[B:]) // B
+    rows = [Row(list(kv[b * per:(b + 1) * per]), rest[b]) for b in range(B)]
     # contiguous: the result is read raw from its buffer, which a view of it would not be
-    return self.model(x, [Row(list(kv[b * per:(b + 1) * per]), rest[b]) for b in range(B)], n, None if last is None else last + 1).contiguous().realize()
+    return self.model(x, rows, n, None if last is None else last + 1).contiguous().realize()
 
   def submit(self, fn: Callable[[], R]) -> Future[R]:
     """fn runs on the engine thread, once a pass launched ahead has been let go (_launch_ahead): it holds the device."""

@@ -70,7 +70,8 @@ def test_on_an_event_loop_the_loop_itself_takes_each_result_when_its_pass_ends(f
   async def run() -> tuple[list[np.ndarray], list[str]]:
     out, threads = [], []
     for i in range(len(TOKENS) + 1):
-      if i >= 2: await asyncio.to_thread(launched, "loop", len(PROMPT_IDS) + i - 1)  # the prompt and the first decode step come first
+      # the prompt and the first decode step come first; each later step once its pass is launched ahead
+      if i >= 2: await asyncio.to_thread(launched, "loop", len(PROMPT_IDS) + i - 1)
       else: await asyncio.sleep(0.005)
       f = first.forward("loop", 0, np.array(PROMPT_IDS), stages=2) if i == 0 else \
           first.forward("loop", len(PROMPT_IDS) + i - 1, np.array(TOKENS[i - 1:i]), stages=2)
