@@ -76,6 +76,14 @@ def exo_node(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProc
   return subprocess.run([sys.executable, "-m", "exo_node", *args], capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def script_json(script: str, *args: str, env: dict[str, str], timeout: float = 600):
+  """Runs script in a fresh Python (tinygrad settings are read once, at import) and returns its last line of output,
+  parsed as JSON."""
+  p = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=timeout)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="session")
 def api_cluster(tmp_path_factory):
   """Two nodes with static peers, each serving the HTTP API; shared by the API and web page tests."""

@@ -1,7 +1,8 @@
 """The CUDA path without a GPU: tinygrad's NULL device renders and compiles every kernel for an H100 (sm_90,
 through NVRTC from pip) and runs none, so the captured steps can be checked where CI runs."""
-import json, os, subprocess, sys
+import os
 from importlib.metadata import files
+from conftest import script_json
 
 SCRIPT = """
 import json, os
@@ -37,9 +38,7 @@ def test_no_kernel_of_a_captured_step_gets_an_empty_grid_when_cuda_builds_its_gr
   request. The decode steps now bind the span less one."""
   env = {**os.environ, "DEV": "NULL:CUDA:sm_90", "NULL_ALLOW_COPYOUT": "1", "NVRTC_PATH": nvrtc()}
   env.pop("HCQ2", None)
-  p = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-  assert p.returncode == 0, p.stderr[-3000:]
-  got = json.loads(p.stdout.splitlines()[-1])
+  got = script_json(SCRIPT, env=env)
   assert got["device"].startswith("NULL")
   kernels = got["kernels"]
   assert {k.split(":")[0] for k in kernels} >= {"prefill1", "decode1", "decode2"}

@@ -2,9 +2,9 @@
 per-row mask, an fp16 KV cache. CI has no GPU, so it runs here on tinygrad's CPU backend with its own x86 renderer (no LLVM library
 needed; Debian 12's LLVM 14 and 15 fail tinygrad's LLVM IR), where our C kernels do not apply, and must give the
 tokens of the C path, alone and batched with a request at another position."""
-import json, os, subprocess, sys
+import json, os
 import numpy as np
-from conftest import PROMPT_IDS, greedy
+from conftest import PROMPT_IDS, greedy, script_json
 
 OTHER = [504, 2388, 2001, 282, 1343, 314, 253]
 SCRIPT = """
@@ -36,10 +36,7 @@ print(json.dumps(out))
 def test_the_generic_path_gives_the_c_paths_tokens_alone_and_batched(full_engine):
   n = 6
   env = {k: v for k, v in os.environ.items() if k not in ("HCQ2", "DEV")}  # as a fresh shell has it
-  p = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([PROMPT_IDS, OTHER, n])], env=env, capture_output=True,
-                     text=True, timeout=900)
-  assert p.returncode == 0, p.stderr[-3000:]
-  got = json.loads(p.stdout.strip().splitlines()[-1])
+  got = script_json(SCRIPT, json.dumps([PROMPT_IDS, OTHER, n]), env=env, timeout=900)
   assert got["generic"] and got["batched"] == n - 1
   assert got["a"] == greedy(full_engine, "generic-a", PROMPT_IDS, n)[0]
   assert got["b"] == greedy(full_engine, "generic-b", OTHER, n)[0]

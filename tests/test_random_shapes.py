@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 import pytest
 from exo_node.local_cluster import Cluster
-from conftest import PROMPT_IDS, exo_node, free_port, greedy, http
+from conftest import PROMPT_IDS, exo_node, free_port, greedy, http, script_json
 
 MODEL = "random:llama-tiny"
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,5 @@ def test_beam_searches_the_decode_steps_kernels_and_leaves_prefill_to_the_heuris
   """--beam N: a decode step's kernels are searched as it is captured (they set a stream's speed); prefill's are
   not (searching its kernels took minutes more on an H100), and a replay searches nothing."""
   env = {**os.environ, "CACHELEVEL": "0"}  # nothing from an earlier search on disk
-  p = subprocess.run([sys.executable, "-c", BEAM_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-  assert p.returncode == 0, p.stderr[-3000:]
-  load, prefill, first, *later = json.loads(p.stdout.splitlines()[-1])
+  load, prefill, first, *later = script_json(BEAM_SCRIPT, env=env)
   assert load == prefill and first > prefill and later == [first] * len(later)
