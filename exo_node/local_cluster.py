@@ -28,10 +28,10 @@ class Proc:
   def info(self, timeout: float = 2.0) -> pb.NodeInfo: return self.stub().Info(pb.InfoRequest(), timeout=timeout)
 
   def stream(self, prompt_ids: list[int] | None = None, prompt: str = "", raw: bool = True, max_tokens: int = 8,
-             temperature: float = 0.0, timeout: float = 300) -> Iterator[tuple[int, float]]:
+             temperature: float = 0.0, timeout: float = 300, seed: int | None = None) -> Iterator[tuple[int, float]]:
     """(token id, arrival time) as the coordinator streams them."""
-    req = pb.GenerateRequest(prompt_ids=prompt_ids or [], prompt=prompt, raw=raw,
-                             sampling=pb.Sampling(temperature=temperature, max_tokens=max_tokens))
+    sampling = pb.Sampling(temperature=temperature, max_tokens=max_tokens, **({} if seed is None else {"seed": seed}))
+    req = pb.GenerateRequest(prompt_ids=prompt_ids or [], prompt=prompt, raw=raw, sampling=sampling)
     for r in self.stub().Generate(req, timeout=timeout):
       for i in r.ids: yield i, time.monotonic()
 

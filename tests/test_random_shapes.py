@@ -65,6 +65,7 @@ def test_bench_runs_a_shape_in_one_and_two_nodes(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
   assert [(x["mode"], x.get("nodes")) for x in rows] == [("single", 1), ("pipeline", 2), ("summary", [1, 2])]
   assert all(x["model"] == MODEL for x in rows) and rows[0]["decode_tok_s"] > 0 and rows[-1]["pipeline_vs_single_2"] > 0
+  assert rows[1]["sampled_decode_tok_s"] > 0 and rows[-1]["sampled_vs_greedy_1"] > 0  # streams at temperature 1.0 too
   assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
