@@ -34,7 +34,7 @@ def measure(counts: list[int], args, log_dir: Path) -> list[dict]:
   """Every configuration is up at once and their runs alternate, so a noisy machine's drift hits them alike."""
   batch = 1 << (args.concurrency - 1).bit_length()  # the nodes batch as many decode steps as there are streams
   extra = ["--model", args.model, "--max-batch", str(min(batch, 16)), "--warm"] + (["--beam", str(args.beam)] if args.beam else []) + \
-          (["--device", args.device] if args.device else [])
+          (["--device", args.device] if args.device else []) + ["--max-context", str(max(512, args.context + args.tokens + 16))]
   with ExitStack() as stack:
     ports, clusters = free_ports(sum(counts)), {}
     for n in counts:
@@ -42,8 +42,9 @@ def measure(counts: list[int], args, log_dir: Path) -> list[dict]:
       clusters[n] = stack.enter_context(Cluster().start(ports[:n], d, extra=extra)); ports = ports[n:]
     for c in clusters.values(): c.wait_ready(timeout=1800)
     coords = {n: next(p for p in c.procs if p.info().start_layer == 0) for n, c in clusters.items()}
+    long_prompt = [504 + (i % 300) for i in range(args.prefill_tokens)]
     # "Once upon a time": SmolLM2 writes on past --tokens from it (greedy from the old prompt it stopped at 29)
-    short, long_prompt = [6403, 1980, 253, 655], [504 + (i % 300) for i in range(args.prefill_tokens)]
+    short = [6403, 1980, 253, 655] if not args.context else [504 + (i % 300) for i in range(args.context)]
     for _ in range(args.warmup):
       for coord in coords.values(): one_stream(coord, long_prompt, 4); one_stream(coord, short, 4)
     runs: dict[int, list[dict]] = {n: [] for n in counts}
@@ -92,6 +93,7 @@ def main() -> None:
   p.add_argument("--nodes", default="1", help="comma-separated node counts, all measured in this run")
   p.add_argument("--tokens", type=int, default=48)
   p.add_argument("--prefill-tokens", type=int, default=64)
+  p.add_argument("--context", type=int, default=0, help="decode after a prompt of this many tokens (default: a 4-token one)")
   p.add_argument("--runs", type=int, default=3)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--concurrency", type=int, default=1)
@@ -104,7 +106,7 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     for row in measure(counts, args, Path(tmp)): print(json.dumps(row), flush=True); rows.append(row)
   single = next((r for r in rows if r["mode"] == "single"), None)
-  summary: dict = {"mode": "summary", "model": args.model, "nodes": counts}
+  summary: dict = {"mode": "summary", "model": args.model, "nodes": counts, **({"context": args.context} if args.context else {})}
   if single: summary["sampled_vs_greedy_1"] = round(single["sampled_decode_tok_s"] / single["decode_tok_s"], 3)
   for r in rows:
     if r["mode"] == "pipeline" and single:

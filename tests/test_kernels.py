@@ -38,9 +38,9 @@ def test_a_matrix_whose_rows_do_not_fill_whole_blocks_stays_unpacked_for_tinygra
 @pytest.mark.parametrize("rows,span", [(1, 1), (1, 5), (2, 20), (3, 37), (8, 64), (8, 125)])
 def test_decode_attention_matches_numpy_over_each_rows_own_cache_and_length(rows, span):
   """Scores, then softmax times values, against every row's own flat K|V cache over its own length: lengths that
-  fill whole blocks of positions and ones that do not, up to the cache's end (P = span + SCORE_POSITIONS - 1)."""
+  fill whole blocks of positions and ones that do not, up to the cache's end (P = span + PAD)."""
   n_kv, G, D = 3, 3, 64
-  P = max(span, 64) + kernels.SCORE_POSITIONS - 1
+  P = max(span, 64) + kernels.PAD
   rng = np.random.default_rng(rows * 1000 + span)
   q = rng.standard_normal((rows, n_kv * G, D)).astype(np.float32)
   caches = [rng.standard_normal(2 * n_kv * P * D).astype(np.float32) for _ in range(rows)]

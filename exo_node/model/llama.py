@@ -136,7 +136,7 @@ class ShardModel:
     """One buffer per block (a single buffer for all blocks makes every cache write touch all of them), flat (a
     flat buffer is what TinyJit checks fastest, on every call, for every input); Block.cache gives it its shape."""
     c = self.cfg
-    if self.counts is not None: pad = max(pad, kernels.SCORE_POSITIONS - 1)  # kernels.scores reads whole blocks of positions
+    if self.counts is not None: pad = max(pad, kernels.PAD)  # kernels.scores and attend read whole blocks of positions
     n = 2 * c.n_kv_heads * (self.max_context + pad) * c.head_dim
     return [host_io.zeros(n, self.kv_dtype, self.device) for _ in self.blocks]
 
