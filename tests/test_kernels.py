@@ -56,3 +56,20 @@ def test_decode_attention_matches_numpy_over_each_rows_own_cache_and_length(rows
     np.testing.assert_allclose(scores[b, :, :n], want, rtol=1e-4, atol=1e-4)
     w = np.exp(want - want.max(-1, keepdims=True))
     np.testing.assert_allclose(out[b], np.einsum("hp,hpd->hd", w / w.sum(-1, keepdims=True), v), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,start", [(8, 0), (8, 13), (16, 0), (16, 37), (16, 100)])
+def test_chunk_scores_match_numpy_for_each_position_over_its_own_length(T, start):
+  """A prefill chunk's positions over one shared cache, position t over the first start + t + 1 cache positions."""
+  n_kv, G, D = 3, 3, 64
+  P = start + T + kernels.PAD
+  rng = np.random.default_rng(T * 1000 + start)
+  q = rng.standard_normal((T, n_kv * G, D)).astype(np.float32)
+  cache = rng.standard_normal(2 * n_kv * P * D).astype(np.float32)
+  counts = np.arange(start + 1, start + T + 1, dtype=np.int32)
+  def run() -> np.ndarray:
+    return kernels.chunk_scores(Tensor(q), Tensor(cache), host_io.upload(counts, dtypes.int32, "CPU"), n_kv).realize().numpy()
+  got = ENGINE.submit(run).result()
+  k = np.repeat(cache[:n_kv * P * D].reshape(n_kv, P, D), G, axis=0)
+  for t, n in enumerate(counts):
+    np.testing.assert_allclose(got[t, :, :n], np.einsum("hd,hpd->hp", q[t], k[:, :n]) / np.sqrt(D), rtol=1e-4, atol=1e-4)

@@ -70,6 +70,7 @@ def matmul_t(x: Tensor, w: Tensor) -> Tensor:
 
 SCORE_POSITIONS = 4  # cache positions per pass of the score kernel: 4 x G vectors of 16 partial sums fit the registers
 ATTEND_POSITIONS = 16  # exponentials per vector in the attend kernel
+CHUNK_POSITIONS = 8  # cache positions per pass of chunk_scores: 8 x (16 x 3 queries) partial sums fit the registers
 PAD = ATTEND_POSITIONS - 1  # cache positions past the last one that the kernels read (whole blocks of positions)
 
 
@@ -111,6 +112,32 @@ def scores(q: Tensor, caches: list[Tensor], counts: Tensor, n_kv: int) -> Tensor
     return UOp.group(*ends).sink(arg=KernelInfo(name=f"scores_{B}_{H}_{D}", opts_to_apply=(), estimates=Estimates()), tag=1)
 
   return Tensor.custom_kernel(Tensor.empty(B, H, P, device=q.device), q.contiguous(), counts, *caches, fxn=kernel)[0]
+
+
+def chunk_scores(q: Tensor, cache: Tensor, counts: Tensor, n_kv: int) -> Tensor:
+  """The scores of a prefill chunk's T positions, which share one cache (flat: K then V, each (n_kv, P, D)): (T, H,
+  P), as `scores` gives them, each position's over its own counts[t], all computed up to the chunk's last (longest),
+  counts[T-1]. `scores` takes each position as a row of its own: it read the keys once per position and summed 16
+  lanes per score. Here each key meets the T x G queries of its head at once, lanes over the queries: one broadcast
+  multiply-add per key element and no sums across lanes."""
+  T, H, D = q.shape
+  G, S = H // n_kv, CHUNK_POSITIONS
+  J, P = T * G, cache.shape[0] // (2 * n_kv * D)
+  qt = q.reshape(T, n_kv, G, D).permute(1, 3, 0, 2).reshape(n_kv, D, J).contiguous()  # query t * G + g of head h
+
+  def kernel(out: UOp, qs: UOp, count: UOp, kc: UOp) -> UOp:
+    n = count[T - 1].minimum(P - (S - 1))  # always: the cache holds PAD positions more; tinygrad can then bound the reads
+    h, sb, u = UOp.range(n_kv, 0), UOp.range((n + (S - 1)) // S, 1), UOp.range(S, 2, AxisType.UPCAST)
+    d, zero, lane, put = UOp.range(D, 3, AxisType.REDUCE), UOp.range(J, 4), UOp.range(J, 5), UOp.range(J, 6)
+    pos = sb * S + u
+    acc = UOp.placeholder((S * J,), dtypes.float32, 0, addrspace=AddrSpace.REG)
+    acc = acc.after(h, sb)[u * J + zero].set(0.0, end=zero)
+    fma = acc[u * J + lane].store(acc.after(d, lane)[u * J + lane] + kc[(h * P + pos) * D + d] * qs[h, d, lane])
+    acc = acc.after(fma.end(lane).end(d))
+    return out[put // G, h * G + put % G, pos].store(acc[u * J + put] * D ** -0.5).end(put).end(u).end(sb).end(h).sink(
+      arg=KernelInfo(name=f"chunk_scores_{T}_{H}_{D}", opts_to_apply=(), estimates=Estimates()), tag=1)
+
+  return Tensor.custom_kernel(Tensor.empty(T, H, P, device=q.device), qt, counts, cache, fxn=kernel)[0]
 
 
 def attend(scores: Tensor, caches: list[Tensor], counts: Tensor, n_kv: int) -> Tensor:

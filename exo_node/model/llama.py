@@ -86,7 +86,8 @@ class Block:
       (B, H, _, D), n_kv = q.shape, self.cfg.n_kv_heads
       flat = [r.kv[i] for r in rows] if T == 1 else [rows[0].kv[i]] * T
       q = q.reshape(B, H, D) if T == 1 else q[0].transpose(0, 1)
-      out = kernels.attend(kernels.scores(q, flat, s.counts, n_kv), flat, s.counts, n_kv)
+      sc = kernels.scores(q, flat, s.counts, n_kv) if T == 1 else kernels.chunk_scores(q, flat[0], s.counts, n_kv)
+      out = kernels.attend(sc, flat, s.counts, n_kv)
       return out.reshape(B, H, 1, D) if T == 1 else out.transpose(0, 1).reshape(1, H, T, D)
     keys, values = (Tensor.cat(*(kv[j, :, :, 0:s.length, :] for kv in caches)).cast(q.dtype) for j in (0, 1))
     if len(rows) > 1: keys, values = keys.contiguous(), values.contiguous()  # one copy, not a gather inside the products
