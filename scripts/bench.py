@@ -72,12 +72,15 @@ def measure(counts: list[int], args, log_dir: Path) -> list[dict]:
           return sum(r["tokens"] for r in res) / max(r["end"] - t0 for r in res), res
         for n in counts: streams(n)  # warm-up: the first pass of each decode batch size captures its JIT
         conc: dict[int, list[tuple[float, list[dict]]]] = {n: [] for n in counts}
+        alone: dict[int, list[dict]] = {n: [] for n in counts}  # one stream between the concurrent runs: the same drift
         for _ in range(args.runs):
-          for n in counts: conc[n].append(streams(n))
+          for n in counts:
+            conc[n].append(streams(n))
+            alone[n].append(one_stream(coords[n], short, args.tokens))
       for n in counts:
         agg = statistics.median(a for a, _ in conc[n])
         # the tokens the stream really got, should a stop token end it before --tokens
-        single = statistics.median(r["tokens"] / r["wall_s"] for r in runs[n])
+        single = statistics.median(r["tokens"] / r["wall_s"] for r in alone[n])
         rows.append({"mode": "concurrent", "nodes": n, "model": args.model, "concurrency": args.concurrency,
                      "decode_tok_s": round(agg, 2), "prefill_tok_s": None,
                      "ttft_ms": round(1000 * statistics.median(r["ttft_s"] for _, res in conc[n] for r in res), 1),

@@ -60,13 +60,16 @@ def test_a_text_prompt_is_refused_without_a_tokenizer(two_tiny):
 
 def test_bench_runs_a_shape_in_one_and_two_nodes(tmp_path):
   r = subprocess.run([sys.executable, "scripts/bench.py", "--shape", "llama-tiny", "--nodes", "1,2", "--tokens", "8", "--runs", "1",
-                      "--warmup", "1", "--prefill-tokens", "16", "--context", "24", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                      "--warmup", "1", "--prefill-tokens", "16", "--context", "24", "--concurrency", "2", "--out", str(tmp_path)],
+                     cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-2000:]
   rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
-  assert [(x["mode"], x.get("nodes")) for x in rows] == [("single", 1), ("pipeline", 2), ("summary", [1, 2])]
+  assert [(x["mode"], x.get("nodes")) for x in rows] == [("single", 1), ("pipeline", 2), ("concurrent", 1), ("concurrent", 2),
+                                                          ("summary", [1, 2])]
   assert all(x["model"] == MODEL for x in rows) and rows[0]["decode_tok_s"] > 0 and rows[-1]["pipeline_vs_single_2"] > 0
   assert rows[1]["sampled_decode_tok_s"] > 0 and rows[-1]["sampled_vs_greedy_1"] > 0  # streams at temperature 1.0 too
   assert rows[-1]["context"] == 24  # decoded after a 24-token prompt
+  assert rows[2]["aggregate_vs_one_stream"] > 0 and rows[-1]["concurrent_2_vs_one_2"] == rows[3]["aggregate_vs_one_stream"]
   assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
