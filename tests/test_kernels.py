@@ -1,6 +1,7 @@
 """The CPU kernels against numpy. The matrix kernel on packed weights: every row-block size, the shapes a step passes
 it (a batch of rows, a prefill chunk, leading axes), and a result read raw from its buffer, as the engine reads a
-step's output. The decode attention kernels: each row's own cache and length."""
+step's output. The attention kernels: each decode row's own cache and length, and a prefill chunk's positions over
+their one cache."""
 import numpy as np
 import pytest
 from tinygrad import Tensor, dtypes
