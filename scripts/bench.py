@@ -33,8 +33,9 @@ def one_stream(coord: Proc, prompt: list[int], n: int, temperature: float = 0.0)
 def measure(counts: list[int], args, log_dir: Path) -> list[dict]:
   """Every configuration is up at once and their runs alternate, so a noisy machine's drift hits them alike."""
   batch = 1 << (args.concurrency - 1).bit_length()  # the nodes batch as many decode steps as there are streams
-  extra = ["--model", args.model, "--max-batch", str(min(batch, 16)), "--warm"] + (["--beam", str(args.beam)] if args.beam else []) + \
-          (["--device", args.device] if args.device else []) + ["--max-context", str(max(512, args.context + args.tokens + 16))]
+  context = max(512, max(args.context, args.prefill_tokens) + args.tokens + 16)  # every prompt of the run fits
+  extra = ["--model", args.model, "--max-batch", str(min(batch, 16)), "--warm", "--max-context", str(context)] + \
+          (["--beam", str(args.beam)] if args.beam else []) + (["--device", args.device] if args.device else [])
   with ExitStack() as stack:
     ports, clusters = free_ports(sum(counts)), {}
     for n in counts:
