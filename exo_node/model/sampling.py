@@ -31,10 +31,11 @@ def largest(z: np.ndarray, k: int) -> np.ndarray:
 def nucleus(z: np.ndarray, w: np.ndarray, top_p: float) -> np.ndarray:
   """Positions of the fewest most likely tokens whose weights w (exp(z - max)) reach top_p of the total, ranked as
   `largest` ranks them. Only a superset of them is sorted, and only its weights: how many tokens it takes does not
-  depend on the order of equal ones."""
+  depend on the order of equal ones. The nucleus is then taken from the superset, not from the whole vocabulary
+  again (its positions are ascending, so ties still go to the lower ones)."""
   need, m = top_p * w.sum(dtype=np.float64), NUCLEUS_START
   while (top := largest(z, m)).size < len(z) and w[top].sum(dtype=np.float64) < need: m *= 8
-  return largest(z, int(np.searchsorted(np.cumsum(np.sort(w[top])[::-1], dtype=np.float64), need)) + 1)
+  return top[largest(z[top], int(np.searchsorted(np.cumsum(np.sort(w[top])[::-1], dtype=np.float64), need)) + 1)]
 
 
 def draw(w: np.ndarray, u: float) -> int:
