@@ -43,9 +43,10 @@ def measure(counts: list[int], args, log_dir: Path) -> list[dict]:
       clusters[n] = stack.enter_context(Cluster().start(ports[:n], d, extra=extra)); ports = ports[n:]
     for c in clusters.values(): c.wait_ready(timeout=1800)
     coords = {n: next(p for p in c.procs if p.info().start_layer == 0) for n, c in clusters.items()}
-    long_prompt = [504 + (i % 300) for i in range(args.prefill_tokens)]
+    filler = lambda n: [504 + (i % 300) for i in range(n)]
+    long_prompt = filler(args.prefill_tokens)
     # "Once upon a time": SmolLM2 writes on past --tokens from it (greedy from the old prompt it stopped at 29)
-    short = [6403, 1980, 253, 655] if not args.context else [504 + (i % 300) for i in range(args.context)]
+    short = [6403, 1980, 253, 655] if not args.context else filler(args.context)
     for _ in range(args.warmup):
       for coord in coords.values(): one_stream(coord, long_prompt, 4); one_stream(coord, short, 4)
     runs: dict[int, list[dict]] = {n: [] for n in counts}
