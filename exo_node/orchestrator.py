@@ -19,6 +19,7 @@ STEP_TIMEOUT = 600.0  # a cold CPU node compiles (and with --beam searches) kern
 DETECT_TIMEOUT = 3.0  # how long a failed request waits for discovery to drop the dead node before giving up
 MAX_REPLANS = 3
 BUSY_WAIT = 120.0  # how long a request waits for a KV session on a full node before it fails
+PROMPT_PART = 64  # prompt positions per frame into a pipeline: the next shard runs a part while this one runs the next
 
 
 class GenerationError(ExoError):
@@ -104,12 +105,12 @@ class Orchestrator:
     link: Link | None = None
     steps: set[asyncio.Task] = set()  # on a local first shard each step is a task; its error arrives as a token
 
-    def feed(step: int, pos: int, ids: list[int]) -> None:
-      if link is not None: return link.send(pb.Frame(step=pb.Step(step=step, position=pos, tokens=pb.TokenIds(ids=ids))))
+    def feed(step: int, pos: int, ids: list[int], partial: bool = False) -> None:
+      if link is not None: return link.send(pb.Frame(step=pb.Step(step=step, position=pos, tokens=pb.TokenIds(ids=ids), partial=partial)))
       def finished(t: asyncio.Task) -> None:
         steps.discard(t)
         if not t.cancelled() and t.exception() is not None: tokens.put_nowait((step, t.exception()))
-      steps.add(task := asyncio.ensure_future(self.stage.step(rid, step, pos, np.asarray(ids, dtype=np.int64))))
+      steps.add(task := asyncio.ensure_future(self.stage.step(rid, step, pos, np.asarray(ids, dtype=np.int64), partial)))
       task.add_done_callback(finished)
 
     def arrive(step: int, tok: int | Exception) -> None:
@@ -129,7 +130,8 @@ class Orchestrator:
       if local: await self.stage.open(header)
       else: link = Link(self.stage.channels, plan.first.address, header, lambda err: self.stage.fail(rid, err))
       if alone: self.stage.chain(rid, np.asarray(prefix, dtype=np.int64), more, left)
-      else: feed(0, 0, prefix)
+      else:
+        for at in range(0, len(prefix), PROMPT_PART): feed(0, at, prefix[at:at + PROMPT_PART], at + PROMPT_PART < len(prefix))
       for step in range(left):
         try: _, tok = await asyncio.wait_for(tokens.get(), STEP_TIMEOUT)
         except asyncio.TimeoutError: raise GenerationError(f"request {rid}: no token from the pipeline in {STEP_TIMEOUT:.0f}s") from None

@@ -62,14 +62,16 @@ class Stage:
     self.requests[rid] = req = Request(header, plan, shard, sampler)
     return req
 
-  def step(self, rid: str, step: int, position: int, data: np.ndarray) -> asyncio.Future[None]:
+  def step(self, rid: str, step: int, position: int, data: np.ndarray, partial: bool = False) -> asyncio.Future[None]:
     """Checks the frame and starts the forward pass at once. The pass's completion hands the result on itself, at
     once when the loop took it (Engine._start_ahead): through asyncio.wrap_future and an awaiting coroutine, the
-    frame went out 145 us after the pass's end, now 68 (medians, 3 nodes, 2-core CPU). The future settles after."""
+    frame went out 145 us after the pass's end, now 68 (medians, 3 nodes, 2-core CPU). The future settles after.
+    partial: a part of the prompt that more parts follow (Orchestrator: PROMPT_PART); it keeps the step's number."""
     req = self.requests.get(rid)
     if req is None: raise StageError(f"unknown request {rid!r}")
+    if partial and step: raise StageError(f"request {rid!r}: only the prompt (step 0) comes in parts, not step {step}")
     if step != req.next_step: raise StageError(f"request {rid!r}: step {step} out of order (expected {req.next_step})")
-    req.next_step += 1
+    req.next_step += not partial
     loop = asyncio.get_running_loop()
     done, thread = loop.create_future(), threading.get_ident()
     def hand_on(f: Future) -> None:
@@ -78,7 +80,7 @@ class Stage:
         except RuntimeError: pass  # the loop is closed: the node is shutting down
         return
       if done.cancelled(): return
-      try: done.set_result(self._hand_on(req, step, position, f.result()))
+      try: done.set_result(self._hand_on(req, step, position, f.result(), partial))
       except Exception as e: done.set_exception(e)
     self.engine.forward(rid, position, data, len(req.plan.shards)).add_done_callback(hand_on)
     return done
@@ -113,10 +115,10 @@ class Stage:
     try: loop.call_soon_threadsafe(deliver)
     except RuntimeError: pass  # the loop is closed: the node is shutting down
 
-  def _hand_on(self, req: Request, step: int, position: int, out: np.ndarray) -> None:
-    if req.sampler is not None: return self._hand_token(req, step, req.sampler(out))
+  def _hand_on(self, req: Request, step: int, position: int, out: np.ndarray, partial: bool) -> None:
+    if req.sampler is not None: return None if partial else self._hand_token(req, step, req.sampler(out))
     nxt = req.plan.next_after(self.node_id)
-    self._link(req, nxt.address).send(pb.Frame(step=pb.Step(step=step, position=position, hidden=encode_tensor(out))))
+    self._link(req, nxt.address).send(pb.Frame(step=pb.Step(step=step, position=position, hidden=encode_tensor(out), partial=partial)))
 
   def _hand_token(self, req: Request, step: int, token: int) -> None:
     h = req.header

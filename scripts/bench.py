@@ -116,6 +116,7 @@ def main() -> None:
   for r in rows:
     if r["mode"] == "pipeline" and single:
       summary[f"pipeline_vs_single_{r['nodes']}"] = round(r["decode_tok_s"] / single["decode_tok_s"], 3)
+      summary[f"prefill_vs_single_{r['nodes']}"] = round(r["prefill_tok_s"] / single["prefill_tok_s"], 3)
       # each token crosses `nodes` hops (nodes-1 forward, one back to the coordinator): what the pipeline adds, per hop
       summary[f"hop_ms_{r['nodes']}"] = round(1000 * (1 / r["decode_tok_s"] - 1 / single["decode_tok_s"]) / r["nodes"], 3)
     if r["mode"] == "concurrent": summary[f"concurrent_{r['concurrency']}_vs_one_{r['nodes']}"] = r["aggregate_vs_one_stream"]

@@ -46,6 +46,28 @@ def test_three_nodes_split_layers_by_memory_and_match_single_node(three_nodes, s
   assert c.procs[2].generate(PROMPT_IDS) == single_tokens
 
 
+@pytest.fixture(scope="module")
+def long_prompt(full_engine) -> tuple[list[int], list[int]]:
+  """A prompt the coordinator feeds in three parts (64, 64, 22), and what one node generates from it."""
+  from exo_node.orchestrator import PROMPT_PART
+  ids = (PROMPT_IDS * 40)[:2 * PROMPT_PART + 22]
+  return ids, greedy(full_engine, "long", ids, 4)[0]
+
+
+@pytest.mark.parametrize("entry", ["first", "last"])
+def test_a_prompt_fed_in_parts_generates_the_single_node_tokens(two_nodes, long_prompt, entry):
+  """The last shard samples only after the prompt's last part, and each part lands at its own positions; entering
+  the last node, the coordinator feeds the parts over gRPC."""
+  ids, want = long_prompt
+  node = next(p for p in two_nodes.procs if (p.info().start_layer == 0) == (entry == "first"))
+  assert node.generate(ids, max_tokens=4) == want
+
+
+def test_a_prompt_in_parts_crosses_three_nodes(three_nodes, long_prompt):
+  ids, want = long_prompt
+  assert three_nodes[0].procs[0].generate(ids, max_tokens=4) == want
+
+
 def test_four_concurrent_requests_on_two_nodes_all_complete(two_nodes, single_tokens):
   with ThreadPoolExecutor(4) as pool:
     results = list(pool.map(lambda i: two_nodes.procs[i % 2].generate(PROMPT_IDS), range(4)))
@@ -69,25 +91,25 @@ def _header(plan, rid="bad-1"):
                                    plan=[pb.PlanEntry(node_id=n, address=a, start_layer=s, end_layer=e) for n, a, s, e in plan]))
 
 
-def _hidden(dtype="float32", shape=(1, 576), nbytes=None, step=0):
+def _hidden(dtype="float32", shape=(1, 576), nbytes=None, step=0, partial=False):
   from exo_node.transport.pb import exo_node_pb2 as pb
   import numpy as np
   n = nbytes if nbytes is not None else int(np.prod(shape)) * np.dtype(dtype).itemsize
-  return pb.Frame(step=pb.Step(step=step, position=0, hidden=pb.TensorProto(data=bytes(n), dtype=dtype, shape=list(shape))))
+  return pb.Frame(step=pb.Step(step=step, position=0, hidden=pb.TensorProto(data=bytes(n), dtype=dtype, shape=list(shape)), partial=partial))
 
 
-@pytest.mark.parametrize("case", ["int8 dtype", "byte count", "hidden size", "unknown request", "step order"])
+@pytest.mark.parametrize("case", ["int8 dtype", "byte count", "hidden size", "unknown request", "step order", "decode step in parts"])
 def test_malformed_frames_are_refused_and_the_node_keeps_serving(two_nodes, single_tokens, case):
   import grpc
   second = next(p for p in two_nodes.procs if p.info().start_layer > 0)
   plan = [("ghost", "127.0.0.1:1", 0, 15), (second.node_id, second.address, 15, 30)]
   frames = {"int8 dtype": [_header(plan), _hidden("int8")], "byte count": [_header(plan), _hidden(nbytes=100)],
             "hidden size": [_header(plan), _hidden(shape=(1, 575))], "unknown request": [_hidden()],
-            "step order": [_header(plan), _hidden(step=3)]}[case]
+            "step order": [_header(plan), _hidden(step=3)], "decode step in parts": [_header(plan), _hidden(step=1, partial=True)]}[case]
   err = _forward(second, frames)
   assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
   assert {"int8 dtype": "int8", "byte count": "100", "hidden size": "575", "unknown request": "unknown request",
-          "step order": "out of order"}[case] in err.details()
+          "step order": "out of order", "decode step in parts": "only the prompt (step 0) comes in parts"}[case] in err.details()
   assert second.info().active_sessions == 0
   assert two_nodes.procs[0].generate(PROMPT_IDS) == single_tokens
 

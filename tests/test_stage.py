@@ -67,6 +67,31 @@ def test_a_step_given_up_on_hands_nothing_on_and_a_failed_pass_fails_its_step():
   asyncio.run(run())
 
 
+def test_a_prompt_in_parts_keeps_its_step_number_and_passes_partial_on_until_its_last_part():
+  async def run() -> None:
+    forward = Future(); forward.set_result(HIDDEN)
+    stage, sent = await first_shard(forward)
+    for pos, partial in ((0, True), (64, True), (128, False)): await stage.step("r", 0, pos, np.zeros((64, 576), np.float32), partial)
+    await stage.step("r", 1, 192, np.zeros((1, 576), np.float32))
+    assert [(f.step.step, f.step.position, f.step.partial) for f in sent.frames] == [(0, 0, True), (0, 64, True), (0, 128, False), (1, 192, False)]
+  asyncio.run(run())
+
+
+def test_the_last_shard_samples_nothing_until_the_prompts_last_part():
+  async def run() -> None:
+    logits = np.zeros(50, np.float32); logits[7] = 1
+    forward = Future(); forward.set_result(logits)
+    engine = SimpleNamespace(model=SimpleNamespace(start=15, end=30), forward=lambda *a: forward, free=lambda rid: None)
+    stage, got = Stage("b", engine, channels=None, n_layers=30), []
+    await stage.open(pb.Header(request_id="r", plan=PLAN.to_proto(), coordinator_id="b", sampling=pb.Sampling(temperature=0)))
+    stage.deliver["r"] = lambda step, tok: got.append((step, tok))
+    await stage.step("r", 0, 0, HIDDEN, partial=True)
+    assert got == []
+    await stage.step("r", 0, 64, HIDDEN)
+    assert got == [(0, 7)]
+  asyncio.run(run())
+
+
 class ChainEngine:
   """Completes each step on a thread of its own, as the engine thread does, with logits whose greedy token is 7; and
   runs deferred work at once, as Engine.defer does while a pass is opened."""

@@ -54,12 +54,12 @@ class Servicer(pbg.ExoNodeServicer):
             if s.step != expected: raise StageError(f"request {rid!r}: token step {s.step} out of order (expected {expected})")
             expected += 1
             ids = decode_tokens(s.tokens.ids, self._vocab()) if s.WhichOneof("payload") == "tokens" else None
-            if ids is None or len(ids) != 1: raise StageError("a returned step must carry exactly one token id")
+            if ids is None or len(ids) != 1 or s.partial: raise StageError("a returned step carries exactly one token id, never in parts")
             deliver = self.stage.deliver.get(rid)
             if deliver is not None: deliver(s.step, int(ids[0]))
             continue
           data = self._payload(s)
-          await self.stage.step(rid, s.step, s.position, data)
+          await self.stage.step(rid, s.step, s.position, data, s.partial)
         elif kind == "end":
           if rid is not None and not returning: self.stage.close(rid, frame.end.reason)
           return

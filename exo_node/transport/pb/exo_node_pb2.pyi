@@ -67,16 +67,18 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step", "position", "tokens", "hidden")
+    __slots__ = ("step", "position", "tokens", "hidden", "partial")
     STEP_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     step: int
     position: int
     tokens: TokenIds
     hidden: TensorProto
-    def __init__(self, step: _Optional[int] = ..., position: _Optional[int] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
+    partial: bool
+    def __init__(self, step: _Optional[int] = ..., position: _Optional[int] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[TensorProto, _Mapping]] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class End(_message.Message):
     __slots__ = ("reason",)
