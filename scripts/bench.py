@@ -2,7 +2,7 @@
 """Decode/prefill speed of single nodes and pipelines, measured in one run on this machine.
 Prints one JSON object per line; the last line is a summary of ratios from the same run."""
 from __future__ import annotations
-import argparse, json, statistics, sys, tempfile, time
+import argparse, json, statistics, sys, tempfile, threading, time
 from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +28,22 @@ def one_stream(coord: Proc, prompt: list[int], n: int, temperature: float = 0.0)
   ttft = stamps[0] - t0
   return {"ttft_s": ttft, "decode_tok_s": (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9), "tokens": len(stamps),
           "wall_s": stamps[-1] - t0, "end": stamps[-1]}
+
+
+def stall(coord: Proc, prompt: list[int], long_prompt: list[int]) -> float:
+  """The longest gap between a stream's tokens while long_prompt arrives on its coordinator, to that prompt's first token."""
+  stamps, done = [], threading.Event()
+  def consume() -> None:
+    for _, t in coord.stream(prompt, max_tokens=1 << 20, timeout=3600):
+      stamps.append(t)
+      if done.is_set(): break  # closing the stream cancels the request
+  (reader := threading.Thread(target=consume)).start()
+  while len(stamps) < 3 and reader.is_alive(): time.sleep(0.005)
+  first = len(stamps) - 1
+  one_stream(coord, long_prompt, 1)
+  if not reader.is_alive(): raise RuntimeError("the stream stopped before the long prompt's first token: no stall measured")
+  done.set(); reader.join()
+  return max(b - a for a, b in zip(stamps[first:], stamps[first + 1:]))
 
 
 def measure(counts: list[int], args, log_dir: Path) -> list[dict]:
@@ -56,14 +72,18 @@ def measure(counts: list[int], args, log_dir: Path) -> list[dict]:
       for n, coord in coords.items():
         runs[n].append(one_stream(coord, short, args.tokens))
         sampled[n].append(one_stream(coord, short, args.tokens, temperature=1.0))
+    gaps: dict[int, list[float]] = {n: [] for n in counts}
     for _ in range(args.runs):
-      for n, coord in coords.items(): pre[n].append(one_stream(coord, long_prompt, 1)["ttft_s"])
+      for n, coord in coords.items():
+        pre[n].append(one_stream(coord, long_prompt, 1)["ttft_s"])
+        gaps[n].append(stall(coord, short, long_prompt))
     rows = [{"mode": "single" if n == 1 else "pipeline", "nodes": n, "model": args.model, "concurrency": 1,
              "device": coords[n].info().device,
              "decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in runs[n]), 2),
              "sampled_decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in sampled[n]), 2),
              "prefill_tok_s": round(args.prefill_tokens / statistics.median(pre[n]), 1),
              "ttft_ms": round(1000 * statistics.median(r["ttft_s"] for r in runs[n]), 1),
+             "stall_ms": round(1000 * statistics.median(gaps[n]), 1),
              "peak_rss_mb": round(max(p.peak_rss() for p in clusters[n].procs) / 2**20, 1)} for n in counts]
     if args.concurrency > 1:
       with ThreadPoolExecutor(args.concurrency) as pool:

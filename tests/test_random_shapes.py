@@ -68,6 +68,7 @@ def test_bench_runs_a_shape_in_one_and_two_nodes(tmp_path):
                                                           ("summary", [1, 2])]
   assert all(x["model"] == MODEL for x in rows) and rows[0]["decode_tok_s"] > 0 and rows[-1]["pipeline_vs_single_2"] > 0
   assert rows[1]["sampled_decode_tok_s"] > 0 and rows[-1]["sampled_vs_greedy_1"] > 0  # streams at temperature 1.0 too
+  assert rows[0]["stall_ms"] > 0 and rows[1]["stall_ms"] > 0  # a stream's longest gap while the long prompt came
   assert rows[-1]["context"] == 24  # decoded after a 24-token prompt
   assert rows[-1]["prefill_vs_single_2"] == round(rows[1]["prefill_tok_s"] / rows[0]["prefill_tok_s"], 3)
   assert rows[2]["aggregate_vs_one_stream"] > 0 and rows[-1]["concurrent_2_vs_one_2"] == rows[3]["aggregate_vs_one_stream"]

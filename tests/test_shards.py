@@ -194,6 +194,39 @@ def test_a_short_prompt_among_waiting_steps_runs_as_rows_of_their_passes(weights
   for r in ("a", "b"): e.free(r)
 
 
+def test_a_long_prompt_lets_the_steps_of_requests_in_flight_run_between_its_steps(full_engine, monkeypatch):
+  """A prompt holds the engine for one slice of its steps while others wait (here a slice is one step): a request in
+  flight gets its next token after that, not after all of the prompt, and the prompt's result does not change."""
+  monkeypatch.setattr("exo_node.engine.PROMPT_SLICE_S", 0.0)
+  long = np.arange(1000, 1064)
+  alone = full_engine.forward("alone", 0, long).result()
+  full_engine.free("alone")
+  want = greedy(full_engine, "ref", PROMPT_IDS, 2)[0]
+  full_engine.forward("a", 0, np.array(PROMPT_IDS)).result()
+  gate, order = threading.Event(), []
+  full_engine.submit(gate.wait)  # the prompt's first step and the step of "a" wait in the queue, in that order
+  prompt = full_engine.forward("long", 0, long)
+  step = full_engine.forward("a", len(PROMPT_IDS), np.array(want[:1]))
+  for name, f in (("long", prompt), ("a", step)): f.add_done_callback(lambda _, name=name: order.append(name))
+  gate.set()
+  np.testing.assert_allclose(prompt.result(timeout=120), alone, rtol=1e-4, atol=1e-3)
+  assert int(np.argmax(step.result(timeout=120))) == want[1] and order == ["a", "long"]
+  for r in ("a", "long"): full_engine.free(r)
+
+
+def test_a_request_freed_during_its_prompt_stops_there(full_engine, monkeypatch):
+  """Its cache went to the spares when it was freed: the prompt's later steps must not write into it."""
+  monkeypatch.setattr("exo_node.engine.PROMPT_SLICE_S", 0.0)
+  gate = threading.Event()
+  full_engine.submit(gate.wait)
+  prompt = full_engine.forward("gone", 0, np.arange(1000, 1064))
+  full_engine.submit(lambda: full_engine.free("gone"))  # runs after the prompt's first step
+  gate.set()
+  with pytest.raises(EngineError, match="'gone' ended during its prompt"): prompt.result(timeout=120)
+  assert "gone" not in full_engine.sessions
+  assert greedy(full_engine, "next", PROMPT_IDS, 2)[0] == greedy(full_engine, "again", PROMPT_IDS, 2)[0]
+
+
 def test_a_load_leaves_its_objects_out_of_the_cyclic_gcs_scans(weights):
   """A full collection over a loaded model's objects (over a million) stalled every thread of a node for ~0.3 s."""
   gc.unfreeze()

@@ -1,5 +1,6 @@
 """One exo-node alone: the engine thread runs its requests' steps back to back (Stage.chain). Greedy tokens match the
 engine's, concurrent streams batch and stay correct, and a stream cancelled mid-way stops and frees its session."""
+import threading, time
 from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
@@ -41,3 +42,18 @@ def test_a_cancelled_stream_frees_its_session_and_the_node_serves_on(node, full_
     for _ in stream: pass
   assert node.sessions(settle=10) == [0]
   assert proc.generate(PROMPT_IDS, max_tokens=4) == greedy(full_engine, "after", PROMPT_IDS, 4)[0]
+
+
+def test_a_stream_in_flight_gets_tokens_while_a_long_prompt_prefills(node):
+  """The prompt holds the engine one slice at a time (Engine._prefill): before, the stream got nothing from the
+  prompt's arrival to its first token (here ~0.7 s). The prompt's token is the one it gets alone."""
+  proc, stamps, long = node.procs[0], [], [504 + i % 300 for i in range(400)]
+  alone = proc.generate(long, max_tokens=1)
+  consume = threading.Thread(target=lambda: stamps.extend(t for _, t in proc.stream([6403, 1980, 253, 655], max_tokens=300)))
+  consume.start()
+  while len(stamps) < 3: time.sleep(0.01)
+  t0 = time.monotonic()
+  (tok, t1), = proc.stream(long, max_tokens=1)
+  consume.join()
+  assert [tok] == alone and len(stamps) == 300
+  assert len([t for t in stamps if t0 < t < t1]) >= 3, (t1 - t0, [round(t - t0, 3) for t in stamps if t0 - 0.1 < t < t1 + 0.1])
