@@ -60,6 +60,15 @@ def capabilities() -> Capabilities:
 
 
 CPU_POLL_S = 50e-6
+_done_by = 0.0  # see expect_done
+
+
+def expect_done(at: float) -> None:
+  """The next CPU wait sleeps until `at` (time.monotonic) before it polls. Each poll wakes a thread that takes a core
+  from the worker of another node on the same box: with a step's expected end known, a 1024-token prompt on 2 nodes
+  took 1.06 s instead of 1.22, 4 streams on 2 nodes gave 199 tok/s instead of 189 (2 cores; one node: no change)."""
+  global _done_by
+  _done_by = at
 
 
 def _quiet_cpu_waits() -> None:
@@ -68,6 +77,9 @@ def _quiet_cpu_waits() -> None:
   Polling with a short sleep costs at most ~0.1 ms per wait."""
   from tinygrad.runtime.ops_cpu import CPUDevice
   def wait(self, sig, value: int, timeout: int | None = None) -> None:
+    global _done_by
+    if sig[0] < value and (ahead := _done_by - time.monotonic()) > CPU_POLL_S: time.sleep(ahead)
+    _done_by = 0.0
     while sig[0] < value: time.sleep(CPU_POLL_S)
   CPUDevice._wait_signal = wait
 

@@ -11,7 +11,7 @@ from typing import Callable, TypeVar
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp
 from tinygrad.helpers import Context
-from exo_node.device import is_cpu
+from exo_node.device import expect_done, is_cpu
 from exo_node.errors import ExoError
 from exo_node.model import gate, host_io, program_cache
 from exo_node.model.llama import Row, ShardModel
@@ -127,6 +127,7 @@ class Engine:
       self.chunk = self.chunks[-1]
       self._jits: dict[tuple[str, int, int], TinyJit] = {}
       self._inputs: dict[TinyJit, Tensor] = {}
+      self._took: dict[TinyJit, float] = {}  # a step's time from launch to result (moving average), for expect_done
       self._vpos = [UOp.variable(f"start_pos{b}", 0, model.max_context - 1) for b in range(self.max_batch)]
       self._vn = UOp.variable("n", 1, self.chunk)
       # a decode step's last attended position, its span less one: tinygrad's CUDA graph builds its nodes with every
@@ -163,13 +164,16 @@ class Engine:
     jit = self._jit(kind, *x.shape[:2])
     if (inp := self._inputs.get(jit)) is None: inp = self._inputs[jit] = Tensor.empty(*x.shape, device=self.model.device).realize()
     host_io.write(inp, x.astype(np.float32, copy=False))
-    fresh = jit.captured is None
+    fresh, t0 = jit.captured is None, time.monotonic()
     # decode steps set the speed of a stream: their kernels are searched (~90 s for a 1B shape on an H100: 73 -> 299
     # tok/s), prefill's keep tinygrad's heuristics (searching its 16-row kernels took minutes more)
     with Context(BEAM=self.beam) if fresh and kind != "prefill" and self.beam else nullcontext(): out = replay(jit, inp, *args)
     if fresh: program_cache.save(); _freeze_heap()
     self._run_deferred()
-    return host_io.read(out)
+    if (took := self._took.get(jit)) is not None: expect_done(t0 + 0.8 * took)  # the wait polls from 80% of the usual time
+    host = host_io.read(out)
+    if not fresh: self._took[jit] = time.monotonic() - t0 if took is None else 0.8 * took + 0.2 * (time.monotonic() - t0)
+    return host
 
   def defer(self, fn: Callable[[], None]) -> None:
     """fn runs on the engine thread once the next pass is under way (its kernels launched), or, with no step

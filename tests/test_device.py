@@ -63,3 +63,18 @@ def test_cpu_waits_poll_with_sleeps_instead_of_spinning_with_the_gil(full_engine
   threading.Timer(0.05, counter.__setitem__, (0, 3)).start()
   dev._wait_signal(memoryview(counter), 3)
   assert counter[0] == 3
+
+
+def test_a_cpu_wait_told_when_the_work_should_end_still_returns_only_once_it_has(full_engine):
+  """expect_done lets the wait sleep to a step's usual end instead of polling: a hint too early is no harm, and it
+  holds for one wait only."""
+  import array, threading, time
+  from tinygrad import Device
+  from exo_node import device
+  dev = full_engine.submit(lambda: (device.capabilities(), Device["CPU"])[1]).result()
+  for hint in (0.01, 0.0):
+    counter = array.array("Q", [0])
+    threading.Timer(0.05, counter.__setitem__, (0, 1)).start()
+    device.expect_done(time.monotonic() + hint)
+    dev._wait_signal(memoryview(counter), 1)
+    assert counter[0] == 1 and device._done_by == 0.0
