@@ -127,7 +127,8 @@ class Engine:
       self.chunk = self.chunks[-1]
       self._jits: dict[tuple[str, int, int], TinyJit] = {}
       self._inputs: dict[TinyJit, Tensor] = {}
-      self._took: dict[TinyJit, float] = {}  # a step's time from launch to result (moving average), for expect_done
+      # a step's time from launch to result (moving average) by capture and reach (512 positions apart), for expect_done
+      self._took: dict[tuple[TinyJit, int], float] = {}
       self._vpos = [UOp.variable(f"start_pos{b}", 0, model.max_context - 1) for b in range(self.max_batch)]
       self._vn = UOp.variable("n", 1, self.chunk)
       # a decode step's last attended position, its span less one: tinygrad's CUDA graph builds its nodes with every
@@ -159,8 +160,9 @@ class Engine:
       jit.cnt = 1
     return jit
 
-  def _run(self, kind: str, x: np.ndarray, *args: UOp | Tensor | int | None) -> np.ndarray:
-    """One captured step: x goes into the step's own input buffer, the result comes out of its output buffer."""
+  def _run(self, kind: str, reach: int, x: np.ndarray, *args: UOp | Tensor | int | None) -> np.ndarray:
+    """One captured step: x goes into the step's own input buffer, the result comes out of its output buffer.
+    reach: the furthest position it attends to, which its time grows with."""
     jit = self._jit(kind, *x.shape[:2])
     if (inp := self._inputs.get(jit)) is None: inp = self._inputs[jit] = Tensor.empty(*x.shape, device=self.model.device).realize()
     host_io.write(inp, x.astype(np.float32, copy=False))
@@ -170,9 +172,9 @@ class Engine:
     with Context(BEAM=self.beam) if fresh and kind != "prefill" and self.beam else nullcontext(): out = replay(jit, inp, *args)
     if fresh: program_cache.save(); _freeze_heap()
     self._run_deferred()
-    if (took := self._took.get(jit)) is not None: expect_done(t0 + 0.8 * took)  # the wait polls from 80% of the usual time
+    if (took := self._took.get(key := (jit, reach >> 9))) is not None: expect_done(t0 + 0.8 * took)  # polls from 80% of it
     host = host_io.read(out)
-    if not fresh: self._took[jit] = time.monotonic() - t0 if took is None else 0.8 * took + 0.2 * (time.monotonic() - t0)
+    if not fresh: self._took[key] = time.monotonic() - t0 if took is None else 0.8 * took + 0.2 * (time.monotonic() - t0)
     return host
 
   def defer(self, fn: Callable[[], None]) -> None:
@@ -200,7 +202,7 @@ class Engine:
     """One prefill step: up to size positions x (T, dim) from position start, padded to size."""
     padded = np.zeros((size, x.shape[1]), np.float32); padded[:len(x)] = x
     self.model.set_counts([start + t for t in range(size)])  # position t attends through start + t
-    return self._run("prefill", padded[None], self._vn.bind(len(x)), None, self._vpos[0].bind(start), *kv)
+    return self._run("prefill", start + size, padded[None], self._vn.bind(len(x)), None, self._vpos[0].bind(start), *kv)
 
   def _decode_pass(self, x: np.ndarray, starts: list[int], caches: list[list[Tensor]]) -> np.ndarray:
     """One decode pass: row b of x (B, 1, dim) at position starts[b] of caches[b], all over the longest span. The
@@ -209,9 +211,10 @@ class Engine:
     waits in its capture's buffer until it is read, and the steps queued before its collection run first."""
     self.model.set_counts(starts)
     args = self._decode_args(starts, caches)
-    if len(x) > 1 or not gate.supported(self.model.device): return self._run("decode", x, *args)
-    out = self._run(self._capture_beside(self._opened), x, *args)
-    if not self._can_launch("twin"): self._run("twin", x, *args)
+    reach = max(starts)
+    if len(x) > 1 or not gate.supported(self.model.device): return self._run("decode", reach, x, *args)
+    out = self._run(self._capture_beside(self._opened), reach, x, *args)
+    if not self._can_launch("twin"): self._run("twin", reach, x, *args)
     return out
 
   def _capture_beside(self, busy: gate.Held | None) -> str:
