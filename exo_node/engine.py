@@ -456,7 +456,8 @@ class Engine:
     # a last position alone in its chunk runs as a one-row decode pass, not a chunk of padding: 5 tokens in ~45 ms
     # instead of ~60 on a CPU
     out = self._decode_pass(part[None], [p.start_pos + i], [s.kv]) if len(part) == 1 else self._chunk_pass(part, p.start_pos + i, s.kv, size)
-    p.outs.append(out[0] if m.is_last else out[0, :len(part)])
+    if m.is_last: p.outs = [out[0]]  # its result is the last position's logits: a long prompt keeps no others
+    else: p.outs.append(out[0, :len(part)])
     p.done += len(part)
     if p.done == T: s.pos = p.start_pos + T
     return p.done == T
