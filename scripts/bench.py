@@ -41,7 +41,7 @@ def stall(coord: Proc, prompt: list[int], long_prompt: list[int]) -> float:
   while len(stamps) < 3 and reader.is_alive(): time.sleep(0.005)
   first = len(stamps) - 1
   one_stream(coord, long_prompt, 1)
-  if not reader.is_alive(): raise RuntimeError("the stream stopped before the long prompt's first token: no stall measured")
+  if not reader.is_alive(): raise SystemExit("bench: the stream stopped before the long prompt's first token: no stall measured")
   done.set(); reader.join()
   return max(b - a for a, b in zip(stamps[first:], stamps[first + 1:]))
 
