@@ -3,6 +3,7 @@ CUDA driver reads CUDA_VISIBLE_DEVICES once, at import/initialisation."""
 from __future__ import annotations
 import os, sys, time
 from dataclasses import dataclass
+from exo_node import hugepages
 from exo_node.errors import ExoError
 
 
@@ -55,7 +56,9 @@ def capabilities() -> Capabilities:
       cuda.cuDeviceGetName(name, 256, d.cu_device)
       return Capabilities(dev, name.value.decode(), int(total.value))
     except Exception as e: raise ExoError(f"cannot open CUDA device (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}): {e}") from None
-  if is_cpu(dev): _quiet_cpu_waits()
+  if is_cpu(dev):
+    _quiet_cpu_waits()
+    hugepages.install()
   return Capabilities(dev, "CPU", _cpu_memory())
 
 
