@@ -148,12 +148,12 @@ def test_each_pass_end_is_read_as_its_own_so_a_released_pass_counts_for_the_next
   """Read late, the eventfd holds the end of a taken pass and that of a pass released behind it (as free() does while
   a pass runs): the taken pass takes one, the next taken pass skips the other (Held.skip)."""
   first.submit(lambda: Device[first.model.device].synchronize()).result(timeout=60)  # what earlier tests let go has run
-  gate.ended(gate.Held(None, "", 0, None, None, [], range(0), skip=1 << 30))  # and its ends are read
+  gate.ended(gate.Held(None, "", 0, None, (0, 0), None, [], range(0), skip=1 << 30))  # and its ends are read
   gate._released = 0
-  running = gate.Held(None, "a", 0, None, None, [], range(0))
+  running = gate.Held(None, "a", 0, None, (0, 0), None, [], range(0))
   os.eventfd_write(gate.fd(), 1); os.eventfd_write(gate.fd(), 1)  # its end, then the released pass's
   assert gate.ended(running)
-  taken = gate.Held(None, "a", 1, None, None, [], range(0), skip=1)
+  taken = gate.Held(None, "a", 1, None, (0, 0), None, [], range(0), skip=1)
   assert not gate.ended(taken)
   os.eventfd_write(gate.fd(), 1)
   assert gate.ended(taken)

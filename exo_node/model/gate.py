@@ -32,11 +32,19 @@ _ended = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_SEMAPHORE) if _sem_ok else -1
 _released = 0  # passes released since the last take: their ends come before the next taken one's
 
 
+def _raw(t: Tensor, nbytes: int) -> int:
+  """The address of t's buffer, of nbytes. Found at launch: on the path from a frame to its pass, and from the pass's
+  end to the next frame, each lookup took ~25 us (after the other node's pass, this one's caches are cold)."""
+  buf = t.uop.base.buffer._buf
+  assert buf.size == nbytes, "a raw copy fills the whole buffer"
+  return buf.va_addr
+
+
 @dataclass(frozen=True)
 class Output:
-  """Where a pass's output buffer is and the array it is copied to, both found at launch: found as the pass's end was
-  read, they cost 70-90 us of the path between two nodes, now 15-30 (the last shard's logits were a fresh mapping,
-  faulted in page by page as they were copied, and the buffer's lookup took ~25)."""
+  """Where a pass's output is, and the array it is copied to. Both found as the pass's end was read, they took 73 and
+  93 us of that path on the first and last of 2 nodes, now 16 and 31 (the last's logits were a fresh mapping,
+  faulted in page by page as they were copied)."""
   src: int
   dst: int
   nbytes: int
@@ -44,10 +52,9 @@ class Output:
 
   @staticmethod
   def of(out: Tensor) -> Output:
-    buf, host = out.uop.base.buffer._buf, np.empty(out.shape, np.float32)
-    assert buf.size == host.nbytes, "a held pass's output is float32"
+    host = np.empty(out.shape, np.float32)
     host.fill(0)  # its pages, written once now
-    return Output(buf.va_addr, host.ctypes.data, host.nbytes, host)
+    return Output(_raw(out, host.nbytes), host.ctypes.data, host.nbytes, host)
 
 
 @dataclass(eq=False)
@@ -56,8 +63,9 @@ class Held:
   request_id: str
   start_pos: int
   inp: Tensor  # the step's input buffer: written when the gate opens
+  into: tuple[int, int]  # its address and size (_raw)
   out: Output  # the step's output
-  writes: list[tuple[Tensor, np.ndarray]]  # more buffers of the pass, written as the gate opens (its row lengths)
+  writes: list[tuple[int, np.ndarray]]  # more buffers of the pass (its row lengths) by address, written as the gate opens
   calls: range  # the pass's entries in the compute queue's ring, between the gate and the eventfd write
   skip: int = 0  # released passes that end before this one
   seen: int = 0  # ends read so far
@@ -105,16 +113,17 @@ def launch(owner: object, request_id: str, start_pos: int, inp: Tensor, start: C
   else: dev.synchronize()
   gate = _push(dev, [_SEM_WAIT, ctypes.addressof(_sem)])
   try:
-    out = start()
+    out, nbytes = start(), inp.nbytes()
+    found = (_raw(inp, nbytes), nbytes), Output.of(out), [(_raw(t, data.nbytes), np.ascontiguousarray(data)) for t, data in writes]
     _submitted(dev)
   except BaseException:
     _libc.sem_post(_sem)
     raise
-  end, output = _push(dev, [_WRITE, _ended, ctypes.addressof(_one), 8]), Output.of(out)
+  end = _push(dev, [_WRITE, _ended, ctypes.addressof(_one), 8])
   global _held
   with _lock:
     assert _held is None, "one pass held at a time"
-    _held = Held(owner, request_id, start_pos, inp, output, writes, range(gate + 1, end))
+    _held = Held(owner, request_id, start_pos, inp, *found, range(gate + 1, end))
 
 
 def take(owner: object, request_id: str, start_pos: int) -> Held | None:
@@ -130,19 +139,13 @@ def take(owner: object, request_id: str, start_pos: int) -> Held | None:
 def run(h: Held, x: np.ndarray) -> None:
   """Writes the step's input straight into its buffer (the pass waits, nothing else touches it) and lets the pass
   run. An x that does not fit drops the pass instead, then raises: the queue never stays held."""
-  buf = h.inp.uop.buffer._buf
-  if x.dtype != np.float32 or x.nbytes != buf.size:
+  at, nbytes = h.into
+  if x.dtype != np.float32 or x.nbytes != nbytes:
     drop(h)
-    raise ValueError(f"the held pass takes {buf.size} bytes of float32, not {x.dtype} {x.shape}")
-  for t, data in [*h.writes, (h.inp, x)]: _poke(t, data)
+    raise ValueError(f"the held pass takes {nbytes} bytes of float32, not {x.dtype} {x.shape}")
+  # raw writes: tinygrad's own copy-in waits for the queue first, which the gate holds
+  for dst, data in [*h.writes, (at, np.ascontiguousarray(x))]: ctypes.memmove(dst, data.ctypes.data, data.nbytes)
   _libc.sem_post(_sem)
-
-
-def _poke(t: Tensor, data: np.ndarray) -> None:
-  """A raw write into t's buffer: tinygrad's own copy-in waits for the queue first, which the gate holds."""
-  buf = t.uop.buffer._buf
-  assert buf.size == data.nbytes, "a raw write fills the whole buffer"
-  ctypes.memmove(buf.va_addr, np.ascontiguousarray(data).ctypes.data, buf.size)
 
 
 def drop(h: Held) -> None:
