@@ -197,7 +197,7 @@ def test_a_short_prompt_among_waiting_steps_runs_as_rows_of_their_passes(weights
 def test_a_long_prompt_lets_the_steps_of_requests_in_flight_run_between_its_steps(full_engine, monkeypatch):
   """A prompt holds the engine for one slice of its steps while others wait (here a slice is one step): a request in
   flight gets its next token after that, not after all of the prompt, and the prompt's result does not change."""
-  monkeypatch.setattr("exo_node.engine.PROMPT_SLICE_S", 0.0)
+  monkeypatch.setattr("exo_node.engine.prefill.PROMPT_SLICE_S", 0.0)
   long = np.arange(1000, 1064)
   alone = full_engine.forward("alone", 0, long).result()
   full_engine.free("alone")
@@ -216,7 +216,7 @@ def test_a_long_prompt_lets_the_steps_of_requests_in_flight_run_between_its_step
 
 def test_a_request_freed_during_its_prompt_stops_there(full_engine, monkeypatch):
   """Its cache went to the spares when it was freed: the prompt's later steps must not write into it."""
-  monkeypatch.setattr("exo_node.engine.PROMPT_SLICE_S", 0.0)
+  monkeypatch.setattr("exo_node.engine.prefill.PROMPT_SLICE_S", 0.0)
   gate = threading.Event()
   full_engine.submit(gate.wait)
   prompt = full_engine.forward("gone", 0, np.arange(1000, 1064))
