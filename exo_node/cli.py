@@ -33,6 +33,8 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
   a("--max-batch", type=int, default=8, choices=(1, 2, 4, 8, 16), help="decode steps of concurrent requests that share one forward pass")
   a("--warm", action="store_true", help="capture the prefill steps and every decode batch size up to --max-batch before serving (no first-use stalls; on a CPU it adds the 16-position prefill step)")
   a("--drain-timeout", type=float, default=10.0, help="at SIGTERM, seconds that running requests get to finish")
+  a("--threads", type=int, default=int(os.environ.get("EXO_THREADS") or 0),
+    help="CPU threads for the matrix kernels (or EXO_THREADS; default 0: this host's cores / LOCAL_WORLD_SIZE)")
   a("--beam", type=int, default=0, help="tinygrad BEAM search width for the decode steps' kernels (cached across runs)")
   a("--prompt", default=None, help="generate once through the cluster, print the completion and exit")
   a("--raw", action="store_true", help="no chat template: plain completion")
@@ -43,6 +45,7 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
   a("--seed", type=int, default=None)
   a("-v", "--verbose", action="store_true")
   ns = p.parse_args(argv)
+  if ns.threads < 0: p.error("--threads must be 0 (every core) or more")
   if ns.discovery == "static" and not ns.peers: p.error("--discovery static needs --peers HOST:PORT,...")
   peers = [x.strip() for x in ns.peers.split(",") if x.strip()]
   if ns.peers and ns.discovery == "mdns": ns.discovery = "static"

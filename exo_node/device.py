@@ -3,7 +3,7 @@ CUDA driver reads CUDA_VISIBLE_DEVICES once, at import/initialisation."""
 from __future__ import annotations
 import os, sys, time
 from dataclasses import dataclass
-from exo_node import hugepages
+from exo_node import cpu_threads, hugepages
 from exo_node.errors import ExoError
 
 
@@ -39,8 +39,9 @@ def _cpu_memory() -> int:
   except (OSError, StopIteration): return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def capabilities() -> Capabilities:
-  """Of the device tinygrad actually opened, so a node bound to GPU N reports GPU N (not GPU 0)."""
+def capabilities(threads: int = 1) -> Capabilities:
+  """Of the device tinygrad actually opened, so a node bound to GPU N reports GPU N (not GPU 0). threads: on a CPU,
+  the threads that run the matrix kernels (0: every core, cpu_threads.py)."""
   from tinygrad import Device
   try: dev = Device.DEFAULT
   except Exception as e:
@@ -59,6 +60,8 @@ def capabilities() -> Capabilities:
   if is_cpu(dev):
     _quiet_cpu_waits()
     hugepages.install()
+    from exo_node.model.kernels import renders_c
+    if renders_c(dev): cpu_threads.install(threads or cpu_threads.default_threads())  # only our C kernels are split
   return Capabilities(dev, "CPU", _cpu_memory())
 
 

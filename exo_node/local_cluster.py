@@ -1,6 +1,6 @@
 """Real exo-node processes on 127.0.0.1 with static peers, for tests and the bench; always cleaned up."""
 from __future__ import annotations
-import subprocess, sys, time
+import os, subprocess, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -57,17 +57,19 @@ class Cluster:
       args = ["--node-id", f"n{i}", "--node-port", str(port), "--api-port", str(api_port), *discovery, "--max-context", "512", *extra]
       if memory: args += ["--memory", str(memory[i])]
       log = log_dir / f"n{i}.log"
-      self.procs.append(Proc(f"n{i}", port, self._spawn([sys.executable, "-m", "exo_node", *args], log), log, api_port))
+      self.procs.append(Proc(f"n{i}", port, self._spawn([sys.executable, "-m", "exo_node", *args], log, len(ports)), log, api_port))
     return self
 
   @staticmethod
-  def _spawn(argv: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(argv, stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+  def _spawn(argv: list[str], log: Path, nodes: int) -> subprocess.Popen:
+    """nodes: how many share this host, which its CPU threads are divided by (cpu_threads.default_threads)."""
+    return subprocess.Popen(argv, stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "LOCAL_WORLD_SIZE": str(nodes)})
 
   def restart(self, i: int) -> None:
     """Starts node i again with the same arguments (after it died)."""
     p = self.procs[i]
-    p.popen = self._spawn(p.popen.args, p.log)
+    p.popen = self._spawn(p.popen.args, p.log, len(self.procs))
 
   def wait_ready(self, timeout: float = 300) -> list[pb.NodeInfo]:
     """Until every node holds layers, together they cover the model exactly once, and each sees all the others."""

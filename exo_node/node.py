@@ -32,7 +32,7 @@ class Node:
     self.model_id = cfg.model if cfg.model in MODELS else Path(cfg.model).name
     self.tokenizer = open_tokenizer(self.weights)
     self.engine = Engine(max_sessions=cfg.max_sessions, max_batch=cfg.max_batch, beam=cfg.beam)
-    self.caps = self.engine.submit(device.capabilities).result()  # opened on the thread that will use it
+    self.caps = self.engine.submit(lambda: device.capabilities(cfg.threads)).result()  # opened on the thread that will use it
     self.memory = cfg.memory or self.caps.memory_bytes
     self.device_label = self.caps.device if self.caps.name == self.caps.device or self.caps.name == "CPU" else f"{self.caps.device}: {self.caps.name}"
     self.channels = Channels(cfg.cluster_secret)

@@ -50,7 +50,7 @@ def measure(counts: list[int], args, log_dir: Path) -> list[dict]:
   """Every configuration is up at once and their runs alternate, so a noisy machine's drift hits them alike."""
   batch = 1 << (args.concurrency - 1).bit_length()  # the nodes batch as many decode steps as there are streams
   context = max(512, max(args.context, args.prefill_tokens) + args.tokens + 16)  # every prompt of the run fits
-  extra = ["--model", args.model, "--max-batch", str(min(batch, 16)), "--warm", "--max-context", str(context)] + \
+  extra = ["--model", args.model, "--max-batch", str(min(batch, 16)), "--warm", "--max-context", str(context), "--threads", str(args.threads)] + \
           (["--beam", str(args.beam)] if args.beam else []) + (["--device", args.device] if args.device else [])
   with ExitStack() as stack:
     ports, clusters = free_ports(sum(counts)), {}
@@ -123,6 +123,8 @@ def main() -> None:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--concurrency", type=int, default=1)
   p.add_argument("--beam", type=int, default=0)
+  p.add_argument("--threads", type=int, default=1, help="every node's CPU threads (default 1: the configurations share "
+                 "this machine's cores, and each node computes on as many; 0: each node's share, as exo-node defaults)")
   p.add_argument("--out", type=Path, default=Path("bench-results"), help="bench.jsonl and bench.png go here")
   args = p.parse_args()
   if args.shape: args.model = PREFIX + args.shape
@@ -141,7 +143,7 @@ def main() -> None:
       summary[f"hop_ms_{r['nodes']}"] = round(1000 * (1 / r["decode_tok_s"] - 1 / single["decode_tok_s"]) / r["nodes"], 3)
     if r["mode"] == "concurrent": summary[f"concurrent_{r['concurrency']}_vs_one_{r['nodes']}"] = r["aggregate_vs_one_stream"]
   for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms"): summary[k] = single[k] if single else None
-  summary["device"] = rows[0]["device"]
+  summary["device"], summary["threads"] = rows[0]["device"], args.threads
   print(json.dumps(summary), flush=True)
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [summary]))

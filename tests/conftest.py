@@ -7,6 +7,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+# the nodes tests start share this box's cores, one thread each (test_single_node's node takes them all)
+os.environ.setdefault("EXO_THREADS", "1")
 from exo_node import device  # noqa: E402
 device.bind(None, None)  # the same tinygrad settings as the exo-node processes, before tinygrad is imported
 PROMPT_IDS = [504, 3575, 282, 4649, 314]  # "The capital of France is"

@@ -1,6 +1,8 @@
-"""One exo-node alone: the engine thread runs its requests' steps back to back (Stage.chain). Greedy tokens match the
-engine's, concurrent streams batch and stay correct, and a stream cancelled mid-way stops and frees its session."""
+"""One exo-node alone, on two threads (cpu_threads.py): the engine thread runs its requests' steps back to back
+(Stage.chain). Greedy tokens match the engine's, concurrent streams batch and stay correct, and a stream cancelled
+mid-way stops and frees its session."""
 import threading, time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
@@ -11,7 +13,7 @@ from exo_node.transport.pb import exo_node_pb2 as pb
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-  with Cluster().start([free_port()], tmp_path_factory.mktemp("single")) as c:
+  with Cluster().start([free_port()], tmp_path_factory.mktemp("single"), extra=["--threads", "2"]) as c:  # both cores
     c.wait_ready()
     yield c
 
@@ -57,3 +59,8 @@ def test_a_stream_in_flight_gets_tokens_while_a_long_prompt_prefills(node):
   consume.join()
   assert [tok] == alone and len(stamps) == 300
   assert len([t for t in stamps if t0 < t < t1]) >= 3, (t1 - t0, [round(t - t0, 3) for t in stamps if t0 - 0.1 < t < t1 + 0.1])
+
+
+def test_the_lone_node_computes_on_a_helper_thread_too(node):
+  tasks = Path(f"/proc/{node.procs[0].popen.pid}/task")
+  assert [t.name for t in tasks.iterdir() if (t / "comm").read_text().strip() == "exo-cpu-helper"]

@@ -18,6 +18,7 @@ from tinygrad.helpers import prod
 from tinygrad.renderer import Estimates
 from tinygrad.renderer.cstyle import ClangRenderer
 from tinygrad.uop.ops import AxisType, KernelInfo, Ops
+from exo_node import cpu_threads
 from exo_node.device import is_cpu
 
 BLOCK = 16  # outputs per vector: one AVX-512 register of fp32, two AVX2 ones
@@ -48,21 +49,27 @@ def matmul_t(x: Tensor, w: Tensor) -> Tensor:
   *lead, K = x.shape
   N, T = w.shape[0] * BLOCK, prod(lead)
   tu = next(b for b in ROW_BLOCKS if T % b == 0)
+  NB, parts = N // BLOCK, cpu_threads.parts()
+  if NB % parts: parts = 1
 
   def kernel(out: UOp, xs: UOp, ws: UOp) -> UOp:
     # row blocks outermost, so a block's rows stay in cache while all the weights pass; the reduction (3) around the
-    # vector of outputs (5), which clang vectorizes
-    tb, nb, u = UOp.range(T // tu, 0), UOp.range(N // BLOCK, 1), UOp.range(tu, 2, AxisType.UPCAST)
+    # vector of outputs (5), which clang vectorizes. Split, each part (7: THREAD, cpu_threads.py runs them at once)
+    # takes a run of output blocks
+    tb, nh, u = UOp.range(T // tu, 0), UOp.range(NB // parts, 1), UOp.range(tu, 2, AxisType.UPCAST)
+    part = UOp.range(parts, 7, AxisType.THREAD) if parts > 1 else None
+    nb = nh if part is None else part * (NB // parts) + nh
     k, zero, lane, put = UOp.range(K, 3, AxisType.REDUCE), UOp.range(BLOCK, 4), UOp.range(BLOCK, 5), UOp.range(BLOCK, 6)
     acc = UOp.placeholder((tu * BLOCK,), dtypes.float32, 0, addrspace=AddrSpace.REG)
-    acc = acc.after(nb, tb)[u * BLOCK + zero].set(0.0, end=zero)
+    acc = acc.after(nh, tb)[u * BLOCK + zero].set(0.0, end=zero)
     fma = acc[u * BLOCK + lane].store(acc.after(k, lane)[u * BLOCK + lane] + xs[tb * tu + u, k] * ws[nb, k, lane].cast(dtypes.float32))
     # the prefetch is a C expression stored to a scratch register: tinygrad keeps side effects only as stores
     scratch = UOp.placeholder((1,), dtypes.int32, 1, addrspace=AddrSpace.REG)
     ahead = scratch[0].store(UOp(Ops.CUSTOM, dtypes.int32, src=(ws[nb, k, 0],), arg=f"(__builtin_prefetch((char*)({{0}})+{PREFETCH}), 0)"))
     acc = acc.after(UOp.group(fma.end(lane), ahead).end(k))
-    return out[tb * tu + u, nb * BLOCK + put].store(acc[u * BLOCK + put]).end(put).end(u).end(nb).end(tb).sink(
-      arg=KernelInfo(name=f"matvec_{T}_{N}_{K}", opts_to_apply=()))  # no THREAD split: tinygrad 0.14 runs the parts serially
+    done = out[tb * tu + u, nb * BLOCK + put].store(acc[u * BLOCK + put]).end(put).end(u).end(nh).end(tb)
+    return (done if part is None else done.end(part)).sink(
+      arg=KernelInfo(name=f"matvec_{T}_{N}_{K}" + (f"_{parts}parts" if parts > 1 else ""), opts_to_apply=()))
 
   xs = x.reshape(T, K).cast(dtypes.float32).contiguous()
   return Tensor.custom_kernel(Tensor.empty(T, N, device=w.device), xs, w, fxn=kernel)[0].reshape(*lead, N)

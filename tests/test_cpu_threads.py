@@ -1,0 +1,66 @@
+"""The matrix kernel split over the CPU's cores (cpu_threads.py): each part's outputs are the one-thread kernel's, bit
+for bit, the helper threads run parts of it, and a node's threads default to its share of the host's cores."""
+import numpy as np
+import pytest
+from conftest import exo_node
+from tinygrad import Tensor
+from exo_node import cpu_threads
+from exo_node.engine import Engine
+from exo_node.model import kernels
+
+ENGINE = Engine()  # tinygrad runs on the engine's thread (its compile cache may only be used from one thread)
+
+
+@pytest.fixture(scope="module")
+def two_threads():
+  ENGINE.submit(lambda: cpu_threads.install(2)).result()
+  assert cpu_threads.parts() == 2
+
+
+def product(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+  return ENGINE.submit(lambda: kernels.matmul_t(Tensor(x), kernels.pack(Tensor(w))).numpy()).result()
+
+
+@pytest.mark.parametrize("rows,N,K", [(1, 6 * kernels.BLOCK, 100), (3, 6 * kernels.BLOCK, 100), (8, 36 * kernels.BLOCK, 576),
+                                      (16, 12 * kernels.BLOCK, 576), (8, 5 * kernels.BLOCK, 64)])  # 5 blocks: not split
+def test_a_split_matrix_kernel_gives_the_one_thread_result_bit_for_bit(two_threads, monkeypatch, rows, N, K):
+  rng = np.random.default_rng(rows * N + K)
+  x, w = rng.standard_normal((rows, K)).astype(np.float32), rng.standard_normal((N, K)).astype(np.float16)
+  split = product(x, w)
+  monkeypatch.setattr(cpu_threads, "_parts", 1)
+  np.testing.assert_array_equal(split, product(x, w))
+  np.testing.assert_allclose(split, x @ w.astype(np.float32).T, rtol=1e-4, atol=2e-4)
+
+
+def test_a_kernel_after_a_split_one_reads_all_of_its_parts(two_threads, monkeypatch):
+  """Products chained in one schedule: each starts as the last returns, so every part must have run by then."""
+  rng = np.random.default_rng(1)
+  x, w = rng.standard_normal((8, 576)).astype(np.float32), (rng.standard_normal((576, 576)) / 24).astype(np.float16)
+  def chain() -> np.ndarray:
+    y, wt = Tensor(x), kernels.pack(Tensor(w))
+    for _ in range(6): y = kernels.matmul_t(y, wt)
+    return y.numpy()
+  split = ENGINE.submit(chain).result()
+  monkeypatch.setattr(cpu_threads, "_parts", 1)
+  np.testing.assert_array_equal(split, ENGINE.submit(chain).result())
+
+
+def test_the_helper_thread_runs_parts_of_the_matrix_kernels(two_threads):
+  rng = np.random.default_rng(0)
+  x, w = rng.standard_normal((8, 576)).astype(np.float32), rng.standard_normal((96 * kernels.BLOCK, 576)).astype(np.float16)
+  before = cpu_threads.helper_parts()
+  for _ in range(20): product(x, w)
+  assert cpu_threads.helper_parts() > before
+
+
+@pytest.mark.parametrize("world,share", [(None, 1), ("1", 1), ("2", 2), ("64", 64)])
+def test_a_nodes_threads_are_its_share_of_the_hosts_cores(monkeypatch, world, share):
+  monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+  if world is None: monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+  else: monkeypatch.setenv("LOCAL_WORLD_SIZE", world)
+  assert cpu_threads.default_threads() == max(1, 8 // share)
+
+
+def test_a_negative_thread_count_is_refused():
+  r = exo_node("--discovery", "none", "--node-port", "0", "--threads", "-1", "--prompt", "hi")
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "exo-node: error: --threads must be 0 (every core) or more"
