@@ -69,7 +69,10 @@ static void *helper(void *unused) {
   return 0;
 }
 
+static atomic_flag forking = ATOMIC_FLAG_INIT;  /* one kernel at a time, should two queues ever call in at once */
+
 void fork_kernel(long fn, long a0, long a1, long a2, long parts) {
+  while (atomic_flag_test_and_set(&forking)) PAUSE();
   atomic_store_explicit(&job.fn, fn, memory_order_relaxed);
   atomic_store_explicit(&job.a0, a0, memory_order_relaxed);
   atomic_store_explicit(&job.a1, a1, memory_order_relaxed);
@@ -80,6 +83,7 @@ void fork_kernel(long fn, long a0, long a1, long a2, long parts) {
   for (int n = atomic_exchange(&job.sleeping, 0); n > 0; n--) sem_post(&job.sem);
   take_parts();
   while (atomic_load(&job.finished) < parts) PAUSE();
+  atomic_flag_clear(&forking);
 }
 
 /* Starts threads - 1 helpers; 0 on success. */
