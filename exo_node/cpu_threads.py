@@ -78,6 +78,10 @@ def install(threads: int) -> None:
   lib = ctypes.CDLL(str(_build()))
   if lib.start(threads, ctypes.c_long(SPIN_NS)) != 0: raise ExoError(f"cannot start {threads - 1} CPU helper threads")
   _fork = ctypes.cast(lib.fork_kernel, ctypes.c_void_p).value
-  ops_cpu.pm_cpu_opsel = PatternMatcher([(UPat(Ops.CALL, src=(UPat(Ops.PROGRAM, name="prg"),), name="call", allow_any_len=True), _fork_call)]) \
-    + ops_cpu.pm_cpu_opsel
+  # into tinygrad's own matcher, first: its queue encoder holds that object (a pattern's function keeps the globals
+  # it saw when first matched), and the matchers it is added to are cached
+  ours = PatternMatcher([(UPat(Ops.CALL, src=(UPat(Ops.PROGRAM, name="prg"),), name="call", allow_any_len=True), _fork_call)])
+  ops_cpu.pm_cpu_opsel.patterns[:0] = ours.patterns
+  ops_cpu.pm_cpu_opsel.pdict[Ops.CALL][:0] = ours.pdict[Ops.CALL]
+  PatternMatcher.__add__.cache_clear()
   _lib, _parts = lib, threads
