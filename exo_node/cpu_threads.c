@@ -1,6 +1,6 @@
 /* The parts of one tinygrad CPU kernel, run at once on several threads (exo_node/cpu_threads.py).
-   tinygrad's compute queue calls fork_kernel(kernel, a0, a1, a2, parts) in place of the kernel's parts one after
-   another: the queue's worker and the helper threads each take the next part not yet taken, until none is left,
+   tinygrad's compute queue calls fork_kernel(kernel, parts, n, buffer 0, ..., buffer n - 1) in place of the
+   kernel's parts one after another: the queue's worker and the helper threads each take the next part not yet taken, until none is left,
    and the worker returns once every part has run. A helper that finds no kernel spins for spin_ns, then sleeps
    until the next one; the worker never waits for a helper to wake, it takes the parts itself meanwhile. */
 #define _GNU_SOURCE
@@ -17,11 +17,18 @@
 #define PAUSE() ((void)0)
 #endif
 
-typedef void (*kernel_fn)(long, long, long, long);
+/* A kernel takes its buffers, then its part: at most MAX_ARGS in all. Called with more than it declares, as
+   tinygrad's own worker calls every kernel with all the words of its queue entry (the callee ignores the rest). */
+#define MAX_ARGS 61
+#define L8(p) long p##0, long p##1, long p##2, long p##3, long p##4, long p##5, long p##6, long p##7
+#define V8(p) p##0, p##1, p##2, p##3, p##4, p##5, p##6, p##7
+#define A8(i) a[i], a[i + 1], a[i + 2], a[i + 3], a[i + 4], a[i + 5], a[i + 6], a[i + 7]
+typedef void (*kernel_fn)(L8(p), L8(q), L8(r), L8(s), L8(t), L8(u), L8(v), long w0, long w1, long w2, long w3, long w4);
 
 static struct {
   _Atomic long seq;                 /* bumped for each kernel */
-  _Atomic long fn, a0, a1, a2;      /* the kernel and its three buffers; its last argument is the part */
+  _Atomic long fn, n;               /* the kernel and how many buffers it takes */
+  _Atomic long args[MAX_ARGS];      /* its buffers */
   _Atomic long ticket;              /* the kernel's parts << 32 | the next part to take: one word, so a take is
                                        always of one kernel */
   _Atomic int finished;             /* parts run */
@@ -42,11 +49,13 @@ static long now_ns(void) {
 static int take_parts(void) {
   int taken = 0;
   for (;;) {
-    long t = atomic_fetch_add(&job.ticket, 1);
-    int i = (int)(t & 0xffffffffL), parts = (int)(t >> 32);
+    long t = atomic_fetch_add(&job.ticket, 1), a[MAX_ARGS] = {0};
+    int i = (int)(t & 0xffffffffL), parts = (int)(t >> 32), n = (int)atomic_load_explicit(&job.n, memory_order_relaxed);
     if (i >= parts) return taken;
-    ((kernel_fn)atomic_load_explicit(&job.fn, memory_order_relaxed))(atomic_load_explicit(&job.a0, memory_order_relaxed),
-      atomic_load_explicit(&job.a1, memory_order_relaxed), atomic_load_explicit(&job.a2, memory_order_relaxed), i);
+    for (int k = 0; k < n; k++) a[k] = atomic_load_explicit(&job.args[k], memory_order_relaxed);
+    a[n] = i;
+    ((kernel_fn)atomic_load_explicit(&job.fn, memory_order_relaxed))(A8(0), A8(8), A8(16), A8(24), A8(32), A8(40), A8(48),
+                                                                      a[56], a[57], a[58], a[59], a[60]);
     atomic_fetch_add(&job.finished, 1);
     taken++;
   }
@@ -71,16 +80,18 @@ static void *helper(void *unused) {
 
 static atomic_flag forking = ATOMIC_FLAG_INIT;  /* one kernel at a time, should two queues ever call in at once */
 
-void fork_kernel(long fn, long a0, long a1, long a2, long parts) {
+/* The queue's entry: this function, the kernel, its parts, its buffers' count n (at most MAX_ARGS - 1), the buffers. */
+void fork_kernel(long fn, long parts, long n, L8(a), L8(b), L8(c), L8(d), L8(e), L8(f), L8(g), long h0, long h1,
+                 long h2, long h3) {
+  long given[] = {V8(a), V8(b), V8(c), V8(d), V8(e), V8(f), V8(g), h0, h1, h2, h3};
   while (atomic_flag_test_and_set(&forking)) PAUSE();
   atomic_store_explicit(&job.fn, fn, memory_order_relaxed);
-  atomic_store_explicit(&job.a0, a0, memory_order_relaxed);
-  atomic_store_explicit(&job.a1, a1, memory_order_relaxed);
-  atomic_store_explicit(&job.a2, a2, memory_order_relaxed);
+  atomic_store_explicit(&job.n, n, memory_order_relaxed);
+  for (long k = 0; k < n; k++) atomic_store_explicit(&job.args[k], given[k], memory_order_relaxed);
   atomic_store(&job.finished, 0);
   atomic_store(&job.ticket, parts << 32);
   atomic_fetch_add(&job.seq, 1);
-  for (int n = atomic_exchange(&job.sleeping, 0); n > 0; n--) sem_post(&job.sem);
+  for (int sleepers = atomic_exchange(&job.sleeping, 0); sleepers > 0; sleepers--) sem_post(&job.sem);
   take_parts();
   while (atomic_load(&job.finished) < parts) PAUSE();
   atomic_flag_clear(&forking);

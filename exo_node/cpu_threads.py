@@ -1,7 +1,7 @@
 """A CPU node's matrix kernels split over its cores. tinygrad 0.14 runs the THREAD parts of a CPU kernel one after
-another on its one compute worker, so a node computed on one core. Here kernels.matmul_t splits its output blocks
-into parts(), and the compute queue calls cpu_threads.c's fork_kernel with the kernel in place of its parts: the
-worker and parts() - 1 helper threads run them at once (each output is still summed by one thread, in the same
+another on its one compute worker, so a node computed on one core. Here our kernels (model/kernels.py) split their
+work into parts(), and the compute queue calls cpu_threads.c's fork_kernel with the kernel in place of its parts:
+the worker and parts() - 1 helper threads run them at once (each output is still computed by one thread, in the same
 order: the results do not change). The helpers are plain C threads, built with the clang that tinygrad's CPU
 backend compiles with, and never touch Python."""
 from __future__ import annotations
@@ -54,16 +54,17 @@ def _build() -> Path:
 
 
 def _fork_call(ctx: tuple[str, ...], call, prg):
-  """A kernel of three buffers and its part (kernels.matmul_t's) becomes one call of fork_kernel; any other kernel is
-  left to tinygrad (None). A module function: tinygrad's pattern matchers take no closures."""
+  """A kernel split in parts (its only variable the part, after its buffers) becomes one call of fork_kernel; any
+  other kernel is left to tinygrad (None). A module function: tinygrad's pattern matchers take no closures."""
   from tinygrad import UOp, dtypes
   from tinygrad.engine.realize import get_call_arg_uops, get_runtime
   from tinygrad.runtime.ops_cpu import CMD_SIZE
   from tinygrad.uop.ops import Ops
   a = prg.arg
-  if len(ctx) != 1 or a.runtimevars.get("core_id") != 0 or len(a.globals) != 3 or len(a.vars) != 1: return None
+  if len(ctx) != 1 or a.runtimevars.get("core_id") != 0 or len(a.vars) != 1 or len(a.globals) > CMD_SIZE - 4: return None
   words = (UOp.const(_fork, dtypes.uint64), UOp.const(get_runtime(ctx[0], prg).addr, dtypes.uint64),
-           *(get_call_arg_uops(call)[i].getaddr(ctx) for i in a.globals), UOp.const(a.global_size[0], dtypes.uint64))
+           UOp.const(a.global_size[0], dtypes.uint64), UOp.const(len(a.globals), dtypes.uint64),
+           *(get_call_arg_uops(call)[i].getaddr(ctx) for i in a.globals))
   return UOp(Ops.INS, src=words + (UOp.const(0, dtypes.uint64),) * (CMD_SIZE - len(words)), arg="cmd")
 
 

@@ -1,12 +1,12 @@
-"""The matrix kernel split over the CPU's cores (cpu_threads.py): each part's outputs are the one-thread kernel's, bit
-for bit, the helper threads run parts of it, and a node's threads default to its share of the host's cores."""
+"""Our CPU kernels split over the cores (cpu_threads.py): their outputs are the one-thread kernels', bit for bit, the
+helper threads run parts of them, and a node's threads default to its share of the host's cores."""
 import numpy as np
 import pytest
 from conftest import exo_node
-from tinygrad import Tensor
+from tinygrad import Tensor, dtypes
 from exo_node import cpu_threads
 from exo_node.engine import Engine
-from exo_node.model import kernels
+from exo_node.model import host_io, kernels
 
 ENGINE = Engine()  # tinygrad runs on the engine's thread (its compile cache may only be used from one thread)
 
@@ -33,6 +33,33 @@ def test_a_split_matrix_kernel_gives_the_one_thread_result_bit_for_bit(two_threa
   monkeypatch.setattr(cpu_threads, "_parts", 1)
   np.testing.assert_array_equal(split, product(x, w))
   np.testing.assert_allclose(split, x @ w.astype(np.float32).T, rtol=1e-4, atol=2e-4)
+
+
+def attention(q: np.ndarray, caches: list[np.ndarray], counts: np.ndarray, n_kv: int) -> tuple[np.ndarray, ...]:
+  """Decode scores and attention output over each row's cache, and the scores of the rows as one prefill chunk over
+  the first cache."""
+  def run() -> tuple[np.ndarray, ...]:
+    c, flat = host_io.upload(counts, dtypes.int32, "CPU"), [Tensor(x) for x in caches]
+    s = kernels.scores(Tensor(q), flat, c, n_kv).realize()
+    return s.numpy(), kernels.attend(s, flat, c, n_kv).numpy(), kernels.chunk_scores(Tensor(q), flat[0], c, n_kv).numpy()
+  return ENGINE.submit(run).result()
+
+
+@pytest.mark.parametrize("n_kv", [3, 4])  # 3 heads over 2 parts: the second part takes the last head twice
+def test_split_attention_kernels_give_the_one_thread_results_bit_for_bit(two_threads, monkeypatch, n_kv):
+  G, D, rows = 3, 64, 8
+  rng = np.random.default_rng(n_kv)
+  P = 80 + kernels.PAD
+  q = rng.standard_normal((rows, n_kv * G, D)).astype(np.float32)
+  caches = [rng.standard_normal(2 * n_kv * P * D).astype(np.float32) for _ in range(rows)]
+  counts = np.array([60 + b for b in range(rows)], np.int32)
+  split = attention(q, caches, counts, n_kv)
+  monkeypatch.setattr(cpu_threads, "_parts", 1)
+  one = attention(q, caches, counts, n_kv)
+  for b, n in enumerate(counts):
+    np.testing.assert_array_equal(split[0][b, :, :n], one[0][b, :, :n])
+    np.testing.assert_array_equal(split[2][b, :, :n], one[2][b, :, :n])
+  np.testing.assert_array_equal(split[1], one[1])
 
 
 def test_a_kernel_after_a_split_one_reads_all_of_its_parts(two_threads, monkeypatch):

@@ -12,6 +12,7 @@ SmolLM2's matrices, cold (30 copies cycled, as in a model), against the (N, K) k
 ffn_gate 1536 x 576 at 8 rows 108 -> 66 us, ffn_down 576 x 1536 159 -> 68 us, head 49152 x 576 3.3 -> 2.0 ms;
 one row streams at the same ~38 GB/s either way (the memory's limit for one core)."""
 from __future__ import annotations
+from typing import Callable
 from tinygrad import Device, Tensor, UOp, dtypes
 from tinygrad.dtype import AddrSpace
 from tinygrad.helpers import prod
@@ -44,6 +45,22 @@ def pack(w: Tensor) -> Tensor:
 def is_packed(w: Tensor) -> bool: return len(w.shape) == 3
 
 
+PART = 1 << 16  # the id of a kernel's THREAD range, past every other range's
+
+
+def heads(n_kv: int) -> tuple[UOp | None, int, Callable[[UOp], UOp]]:
+  """The attention kernels split over their KV heads, each part (THREAD, cpu_threads.py runs them at once) a run of
+  ceil(n_kv / parts) heads, the last part repeating the last head where they do not divide (the same values written
+  twice). Returns the THREAD range (None: one part), the heads per part, and a part's head from its head range."""
+  parts = min(cpu_threads.parts(), n_kv)
+  if parts == 1: return None, n_kv, lambda h: h
+  part, per = UOp.range(parts, PART, AxisType.THREAD), -(-n_kv // parts)
+  return part, per, lambda h: (part * per + h).minimum(n_kv - 1)
+
+
+def ended(u: UOp, part: UOp | None) -> UOp: return u if part is None else u.end(part)
+
+
 def matmul_t(x: Tensor, w: Tensor) -> Tensor:
   """x (..., K) @ the (N, K) matrix that w holds packed: (..., N)."""
   *lead, K = x.shape
@@ -57,7 +74,7 @@ def matmul_t(x: Tensor, w: Tensor) -> Tensor:
     # vector of outputs (5), which clang vectorizes. Split, each part (7: THREAD, cpu_threads.py runs them at once)
     # takes a run of output blocks
     tb, nh, u = UOp.range(T // tu, 0), UOp.range(NB // parts, 1), UOp.range(tu, 2, AxisType.UPCAST)
-    part = UOp.range(parts, 7, AxisType.THREAD) if parts > 1 else None
+    part = UOp.range(parts, PART, AxisType.THREAD) if parts > 1 else None
     nb = nh if part is None else part * (NB // parts) + nh
     k, zero, lane, put = UOp.range(K, 3, AxisType.REDUCE), UOp.range(BLOCK, 4), UOp.range(BLOCK, 5), UOp.range(BLOCK, 6)
     acc = UOp.placeholder((tu * BLOCK,), dtypes.float32, 0, addrspace=AddrSpace.REG)
@@ -68,7 +85,7 @@ def matmul_t(x: Tensor, w: Tensor) -> Tensor:
     ahead = scratch[0].store(UOp(Ops.CUSTOM, dtypes.int32, src=(ws[nb, k, 0],), arg=f"(__builtin_prefetch((char*)({{0}})+{PREFETCH}), 0)"))
     acc = acc.after(UOp.group(fma.end(lane), ahead).end(k))
     done = out[tb * tu + u, nb * BLOCK + put].store(acc[u * BLOCK + put]).end(put).end(u).end(nh).end(tb)
-    return (done if part is None else done.end(part)).sink(
+    return ended(done, part).sink(
       arg=KernelInfo(name=f"matvec_{T}_{N}_{K}" + (f"_{parts}parts" if parts > 1 else ""), opts_to_apply=()))
 
   xs = x.reshape(T, K).cast(dtypes.float32).contiguous()
@@ -102,21 +119,22 @@ def scores(q: Tensor, caches: list[Tensor], counts: Tensor, n_kv: int) -> Tensor
   P = caches[0].shape[0] // (2 * n_kv * D)
 
   def kernel(out: UOp, qs: UOp, count: UOp, *ks: UOp) -> UOp:
-    ends = []
+    ends, (part, per, head) = [], heads(n_kv)
     for b, kb in enumerate(ks):
       r = lambda n, i, t=AxisType.LOOP: UOp.range(n, b * 16 + i, t)
-      h, sb, u, g = r(n_kv, 0), r((count[b] + (S - 1)) // S, 1), r(S, 2, AxisType.UPCAST), r(G, 3, AxisType.UPCAST)
+      hr, sb, u, g = r(per, 0), r((count[b] + (S - 1)) // S, 1), r(S, 2, AxisType.UPCAST), r(G, 3, AxisType.UPCAST)
+      h = head(hr)
       zero, c, lane = r(BLOCK, 4), r(C, 5, AxisType.REDUCE), r(BLOCK, 6)
       a, pos = (u * G + g) * BLOCK, sb * S + u
       acc = UOp.placeholder((S * G * BLOCK,), dtypes.float32, b, addrspace=AddrSpace.REG)
-      acc = acc.after(h, sb)[a + zero].set(0.0, end=zero)
+      acc = acc.after(hr, sb)[a + zero].set(0.0, end=zero)
       fma = acc[a + lane].store(acc.after(c, lane)[a + lane] + qs[b, h * G + g, c * BLOCK + lane] * kb[(h * P + pos) * D + c * BLOCK + lane])
       acc = acc.after(fma.end(lane).end(c))
       for k, half in enumerate(BLOCK >> j for j in range(1, BLOCK.bit_length())):  # each level of the tree one vector add
         i = r(half, 7 + k)
         acc = acc.after(acc[a + i].store(acc[a + i] + acc[a + i + half]).end(i))
-      ends.append(out[b, h * G + g, pos].store(acc[a] * D ** -0.5).end(g).end(u).end(sb).end(h))
-    return UOp.group(*ends).sink(arg=KernelInfo(name=f"scores_{B}_{H}_{D}", opts_to_apply=(), estimates=Estimates()), tag=1)
+      ends.append(out[b, h * G + g, pos].store(acc[a] * D ** -0.5).end(g).end(u).end(sb).end(hr))
+    return ended(UOp.group(*ends), part).sink(arg=KernelInfo(name=f"scores_{B}_{H}_{D}", opts_to_apply=(), estimates=Estimates()), tag=1)
 
   return Tensor.custom_kernel(Tensor.empty(B, H, P, device=q.device), q.contiguous(), counts, *caches, fxn=kernel)[0]
 
@@ -134,14 +152,16 @@ def chunk_scores(q: Tensor, cache: Tensor, counts: Tensor, n_kv: int) -> Tensor:
 
   def kernel(out: UOp, qs: UOp, count: UOp, kc: UOp) -> UOp:
     n = count[T - 1].minimum(P - (S - 1))  # always: the cache holds PAD positions more; tinygrad can then bound the reads
-    h, sb, u = UOp.range(n_kv, 0), UOp.range((n + (S - 1)) // S, 1), UOp.range(S, 2, AxisType.UPCAST)
+    part, per, head = heads(n_kv)
+    hr, sb, u = UOp.range(per, 0), UOp.range((n + (S - 1)) // S, 1), UOp.range(S, 2, AxisType.UPCAST)
+    h = head(hr)
     d, zero, lane, put = UOp.range(D, 3, AxisType.REDUCE), UOp.range(J, 4), UOp.range(J, 5), UOp.range(J, 6)
     pos = sb * S + u
     acc = UOp.placeholder((S * J,), dtypes.float32, 0, addrspace=AddrSpace.REG)
-    acc = acc.after(h, sb)[u * J + zero].set(0.0, end=zero)
+    acc = acc.after(hr, sb)[u * J + zero].set(0.0, end=zero)
     fma = acc[u * J + lane].store(acc.after(d, lane)[u * J + lane] + kc[(h * P + pos) * D + d] * qs[h, d, lane])
     acc = acc.after(fma.end(lane).end(d))
-    return out[put // G, h * G + put % G, pos].store(acc[u * J + put] * D ** -0.5).end(put).end(u).end(sb).end(h).sink(
+    return ended(out[put // G, h * G + put % G, pos].store(acc[u * J + put] * D ** -0.5).end(put).end(u).end(sb).end(hr), part).sink(
       arg=KernelInfo(name=f"chunk_scores_{T}_{H}_{D}", opts_to_apply=(), estimates=Estimates()), tag=1)
 
   return Tensor.custom_kernel(Tensor.empty(T, H, P, device=q.device), qt, counts, cache, fxn=kernel)[0]
@@ -160,16 +180,17 @@ def attend(scores: Tensor, caches: list[Tensor], counts: Tensor, n_kv: int) -> T
   D = caches[0].shape[0] // (2 * n_kv * P)
 
   def kernel(out: UOp, sc: UOp, count: UOp, *vs: UOp) -> UOp:
-    ends = []
+    ends, (part, per, head) = [], heads(n_kv)
     for b, vb in enumerate(vs):
       r = lambda n, i, t=AxisType.LOOP: UOp.range(n, b * 10 + i, t)
       n = count[b].minimum(P - (L - 1))  # always: the cache holds PAD positions more; tinygrad can then bound the reads
-      h, g, zero, s1, sb, lane, put = r(n_kv, 0), r(G, 1, AxisType.UPCAST), r(D, 2), r(n, 3, AxisType.REDUCE), \
+      hr, g, zero, s1, sb, lane, put = r(per, 0), r(G, 1, AxisType.UPCAST), r(D, 2), r(n, 3, AxisType.REDUCE), \
         r((n + (L - 1)) // L, 4, AxisType.REDUCE), r(D, 5), r(D, 6)
       at, pos = r(L, 7), r(L, 8, AxisType.REDUCE)
+      h = head(hr)
       hg = h * G + g
       top = UOp.placeholder((G,), dtypes.float32, 4 * b, addrspace=AddrSpace.REG)
-      top = top.after(h)[g].set(-float("inf"))
+      top = top.after(hr)[g].set(-float("inf"))
       top = top.after(top[g].store(top.after(s1)[g].maximum(sc[b, hg, s1])).end(s1))
       ex = UOp.placeholder((G * L,), dtypes.float32, 4 * b + 3, addrspace=AddrSpace.REG)
       e = ((sc[b, hg, sb * L + at] - top[g]) * 1.4426950408889634).exp2()
@@ -183,7 +204,7 @@ def attend(scores: Tensor, caches: list[Tensor], counts: Tensor, n_kv: int) -> T
       fma = acc[g * D + lane].store(acc.after(sb, pos, lane)[g * D + lane] + w * vb[(n_kv * P + h * P + sb * L + pos) * D + lane])
       done = UOp.group(add, fma.end(lane)).end(pos).end(sb)
       acc, tot = acc.after(done), tot.after(done)
-      ends.append(out[b, hg, put].store(acc[g * D + put] / tot[g]).end(put).end(g).end(h))
-    return UOp.group(*ends).sink(arg=KernelInfo(name=f"attend_{B}_{H}_{D}", opts_to_apply=(), estimates=Estimates()), tag=1)
+      ends.append(out[b, hg, put].store(acc[g * D + put] / tot[g]).end(put).end(g).end(hr))
+    return ended(UOp.group(*ends), part).sink(arg=KernelInfo(name=f"attend_{B}_{H}_{D}", opts_to_apply=(), estimates=Estimates()), tag=1)
 
   return Tensor.custom_kernel(Tensor.empty(B, H, D, device=scores.device), scores, counts, *caches, fxn=kernel)[0]
