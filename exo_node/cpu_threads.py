@@ -9,7 +9,7 @@ import ctypes, hashlib, os, subprocess, tempfile
 from pathlib import Path
 from exo_node.errors import ExoError
 
-SPIN_NS = 20_000  # a helper that finds no kernel spins this long, then sleeps: the gaps inside a pass are shorter
+SPIN_NS = 500_000  # a helper that finds no kernel spins this long, then sleeps: past the gaps inside a pass and most between one stream's passes
 _SOURCE = Path(__file__).with_name("cpu_threads.c")
 _parts = 1
 _lib: ctypes.CDLL | None = None  # kept: its threads run its code
