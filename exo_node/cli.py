@@ -34,7 +34,7 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
   a("--warm", action="store_true", help="capture the prefill steps and every decode batch size up to --max-batch before serving (no first-use stalls; on a CPU it adds the 16-position prefill step)")
   a("--drain-timeout", type=float, default=10.0, help="at SIGTERM, seconds that running requests get to finish")
   a("--threads", type=int, default=int(os.environ.get("EXO_THREADS") or 0),
-    help="CPU threads for the matrix kernels (or EXO_THREADS; default 0: this host's cores / LOCAL_WORLD_SIZE)")
+    help="CPU threads for the kernels (or EXO_THREADS; default 0: this host's cores / LOCAL_WORLD_SIZE)")
   a("--beam", type=int, default=0, help="tinygrad BEAM search width for the decode steps' kernels (cached across runs)")
   a("--prompt", default=None, help="generate once through the cluster, print the completion and exit")
   a("--raw", action="store_true", help="no chat template: plain completion")

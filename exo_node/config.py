@@ -29,7 +29,7 @@ class NodeConfig:
   warm: bool = False  # capture every decode batch size at load, not at first use
   drain_timeout: float = 10.0
   beam: int = 0
-  threads: int = 0  # CPU threads for a node's matrix kernels (0: every core this process may use)
+  threads: int = 0  # CPU threads for a node's kernels (0: its share of the host's cores, cpu_threads.default_threads)
   # one-shot generation
   prompt: str | None = None
   raw: bool = False

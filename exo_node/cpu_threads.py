@@ -1,4 +1,4 @@
-"""A CPU node's matrix kernels split over its cores. tinygrad 0.14 runs the THREAD parts of a CPU kernel one after
+"""A CPU node's kernels split over its cores. tinygrad 0.14 runs the THREAD parts of a CPU kernel one after
 another on its one compute worker, so a node computed on one core. Here our kernels (model/kernels.py) split their
 work into parts(), and the compute queue calls cpu_threads.c's fork_kernel with the kernel in place of its parts:
 the worker and parts() - 1 helper threads run them at once (each output is still computed by one thread, in the same
@@ -17,14 +17,15 @@ _fork = 0  # fork_kernel's address
 
 
 def parts() -> int:
-  """How many parts a matrix kernel is split into: the threads that run it (1: not split)."""
+  """How many parts our kernels are split into: the threads that run them (1: not split)."""
   return _parts
 
 
 def default_threads() -> int:
   """The cores this process may run on (as llama.cpp and ollama use them), shared with the other nodes of this host:
-  LOCAL_WORLD_SIZE, torchrun's count of them, which exo-cluster and local_cluster set. Two nodes of one 2-core box
-  that each ran on both cores took ~30% longer per 4-stream token than on one each (helpers wait on busy cores)."""
+  LOCAL_WORLD_SIZE, torchrun's count of them, which exo-cluster and local_cluster set. Two nodes of one 2-core box,
+  4 streams: 98-106 tok/s with both nodes on two threads, 145 on one each (a helper waits for a core the other
+  node holds)."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
   return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))
 
@@ -69,7 +70,7 @@ def _fork_call(ctx: tuple[str, ...], call, prg):
 
 
 def install(threads: int) -> None:
-  """Runs matrix kernels on `threads` threads from now on (once per process; 1 changes nothing). Before any kernel
+  """Runs our kernels on `threads` threads from now on (once per process; 1 changes nothing). Before any kernel
   is captured: a capture keeps the kernels it was made with."""
   global _parts, _lib, _fork
   from tinygrad.helpers import getenv

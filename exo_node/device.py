@@ -41,7 +41,7 @@ def _cpu_memory() -> int:
 
 def capabilities(threads: int = 1) -> Capabilities:
   """Of the device tinygrad actually opened, so a node bound to GPU N reports GPU N (not GPU 0). threads: on a CPU,
-  the threads that run the matrix kernels (0: every core, cpu_threads.py)."""
+  the threads that run our kernels (0: this node's share of the cores, cpu_threads.py)."""
   from tinygrad import Device
   try: dev = Device.DEFAULT
   except Exception as e:
