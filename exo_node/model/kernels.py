@@ -71,7 +71,7 @@ def matmul_t(x: Tensor, w: Tensor) -> Tensor:
 
   def kernel(out: UOp, xs: UOp, ws: UOp) -> UOp:
     # row blocks outermost, so a block's rows stay in cache while all the weights pass; the reduction (3) around the
-    # vector of outputs (5), which clang vectorizes. Split, each part (7: THREAD, cpu_threads.py runs them at once)
+    # vector of outputs (5), which clang vectorizes. Split, each part (PART: THREAD, cpu_threads.py runs them at once)
     # takes a run of output blocks
     tb, nh, u = UOp.range(T // tu, 0), UOp.range(NB // parts, 1), UOp.range(tu, 2, AxisType.UPCAST)
     part = UOp.range(parts, PART, AxisType.THREAD) if parts > 1 else None
