@@ -27,7 +27,9 @@ def default_threads() -> int:
   4 streams: 98-106 tok/s with both nodes on two threads, 145 on one each (a helper waits for a core the other
   node holds)."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-  return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))
+  try: nodes = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+  except ValueError: raise ExoError(f"LOCAL_WORLD_SIZE={os.environ['LOCAL_WORLD_SIZE']!r}: expected the number of nodes on this host") from None
+  return max(1, cores // max(1, nodes))
 
 
 def helper_parts() -> int:
@@ -41,16 +43,17 @@ def _build() -> Path:
   from tinygrad.helpers import CACHEDB
   src = _SOURCE.read_bytes()
   out = Path(CACHEDB).with_name(f"exo-cpu-threads-{hashlib.sha256(src).hexdigest()[:16]}.so")
-  if not out.exists():
+  if out.exists(): return out
+  tmp = None
+  try:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    try:
-      subprocess.run(["clang", "-O2", "-shared", "-fPIC", "-pthread", str(_SOURCE), "-o", tmp], check=True, capture_output=True)
-      os.replace(tmp, out)
-    except (OSError, subprocess.CalledProcessError) as e:
-      os.unlink(tmp)
-      raise ExoError(f"cannot build the CPU thread helpers ({_SOURCE.name}) with clang: {getattr(e, 'stderr', b'').decode().strip() or e}") from None
+    subprocess.run(["clang", "-O2", "-shared", "-fPIC", "-pthread", str(_SOURCE), "-o", tmp], check=True, capture_output=True)
+    os.replace(tmp, out)
+  except (OSError, subprocess.CalledProcessError) as e:
+    if tmp is not None and os.path.exists(tmp): os.unlink(tmp)
+    raise ExoError(f"cannot build the CPU thread helpers ({_SOURCE.name}) with clang: {getattr(e, 'stderr', b'').decode().strip() or e}") from None
   return out
 
 

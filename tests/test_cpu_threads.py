@@ -5,6 +5,7 @@ import pytest
 from conftest import exo_node
 from tinygrad import Tensor, dtypes
 from exo_node import cpu_threads
+from exo_node.errors import ExoError
 from exo_node.engine import Engine
 from exo_node.model import host_io, kernels
 
@@ -91,6 +92,19 @@ def test_a_nodes_threads_are_its_share_of_the_hosts_cores(monkeypatch, world, sh
   if world is None: monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
   else: monkeypatch.setenv("LOCAL_WORLD_SIZE", world)
   assert cpu_threads.default_threads() == max(1, 8 // share)
+
+
+def test_a_host_count_that_is_not_a_number_is_refused_clearly(monkeypatch):
+  monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+  with pytest.raises(ExoError, match="LOCAL_WORLD_SIZE='two': expected the number of nodes on this host"):
+    cpu_threads.default_threads()
+
+
+def test_helpers_that_do_not_compile_give_clangs_message(tmp_path, monkeypatch):
+  (bad := tmp_path / "cpu_threads.c").write_text("int start(int threads, long spin_ns) { return oops; }\n")
+  monkeypatch.setattr(cpu_threads, "_SOURCE", bad)
+  with pytest.raises(ExoError, match="cannot build the CPU thread helpers .cpu_threads.c. with clang: .*oops"):
+    cpu_threads._build()
 
 
 def test_a_negative_thread_count_is_refused():
