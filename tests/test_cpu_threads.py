@@ -3,7 +3,7 @@ helper threads run parts of them, and a node's threads default to its share of t
 import numpy as np
 import pytest
 from conftest import exo_node
-from tinygrad import Tensor, dtypes
+from tinygrad import Tensor, UOp, dtypes
 from exo_node import cpu_threads
 from exo_node.errors import ExoError
 from exo_node.engine import Engine
@@ -25,15 +25,32 @@ def two_threads():
   assert cpu_threads.parts() == 2
 
 
-@pytest.mark.parametrize("rows,N,K", [(1, 6 * kernels.BLOCK, 100), (3, 6 * kernels.BLOCK, 100), (8, 36 * kernels.BLOCK, 576),
-                                      (16, 12 * kernels.BLOCK, 576), (8, 5 * kernels.BLOCK, 64)])  # 5 blocks: not split
-def test_a_split_matrix_kernel_gives_the_one_thread_result_bit_for_bit(two_threads, monkeypatch, rows, N, K):
+# 2 parts of 5 or 9 blocks: the last part takes the last block twice; 8 parts of 36 blocks (SmolLM2's 576 outputs):
+# 8 parts of 5, the last part's 1 block 5 times; of 12: 6 parts of 2; of 5: 5 parts
+@pytest.mark.parametrize("parts", [2, 8])
+@pytest.mark.parametrize("rows,N,K", [(1, 6 * kernels.BLOCK, 100), (3, 9 * kernels.BLOCK, 100), (8, 36 * kernels.BLOCK, 576),
+                                      (16, 12 * kernels.BLOCK, 576), (8, 5 * kernels.BLOCK, 64)])
+def test_a_split_matrix_kernel_gives_the_one_thread_result_bit_for_bit(two_threads, monkeypatch, parts, rows, N, K):
   rng = np.random.default_rng(rows * N + K)
   x, w = rng.standard_normal((rows, K)).astype(np.float32), rng.standard_normal((N, K)).astype(np.float16)
+  monkeypatch.setattr(cpu_threads, "_parts", parts)  # parts beyond the threads: the worker and the helper take them all
   split = product(x, w)
   monkeypatch.setattr(cpu_threads, "_parts", 1)
   np.testing.assert_array_equal(split, product(x, w))
   np.testing.assert_allclose(split, x @ w.astype(np.float32).T, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("threads,units,parts,per", [(8, 36, 8, 5), (8, 12, 6, 2), (2, 3, 2, 2), (16, 3, 3, 1), (1, 36, 1, 36), (4, 96, 4, 24)])
+def test_work_splits_into_whole_runs_of_units_whatever_the_thread_count(monkeypatch, threads, units, parts, per):
+  """SmolLM2's 576 outputs (36 blocks) on 8 threads: 8 parts of 5 (a count of parts that divides 36, as before,
+  left them on one thread); 3 KV heads on 16 threads: 3 parts."""
+  monkeypatch.setattr(cpu_threads, "_parts", threads)
+  part, got, unit = kernels.split(units)
+  assert (1 if part is None else part.vmax + 1, got) == (parts, per)
+  if part is not None:  # each unit is one part's alone (no two threads write it), and every unit is some part's
+    i = UOp.range(per, 1)
+    runs = [{unit(i).substitute({part: part.const_like(p), i: i.const_like(j)}).simplify().arg for j in range(per)} for p in range(parts)]
+    assert sum(map(len, runs)) == units and set().union(*runs) == set(range(units))
 
 
 def attention(q: np.ndarray, caches: list[np.ndarray], counts: np.ndarray, n_kv: int) -> tuple[np.ndarray, ...]:
@@ -46,14 +63,16 @@ def attention(q: np.ndarray, caches: list[np.ndarray], counts: np.ndarray, n_kv:
   return ENGINE.submit(run).result()
 
 
-@pytest.mark.parametrize("n_kv", [3, 4])  # 3 heads over 2 parts: the second part takes the last head twice
-def test_split_attention_kernels_give_the_one_thread_results_bit_for_bit(two_threads, monkeypatch, n_kv):
+@pytest.mark.parametrize("parts", [2, 3, 8])  # 3 heads over 2 parts: the second part takes the last head twice; 5 over 3: 3 parts of 2
+@pytest.mark.parametrize("n_kv", [3, 5])
+def test_split_attention_kernels_give_the_one_thread_results_bit_for_bit(two_threads, monkeypatch, parts, n_kv):
   G, D, rows = 3, 64, 8
   rng = np.random.default_rng(n_kv)
   P = 80 + kernels.PAD
   q = rng.standard_normal((rows, n_kv * G, D)).astype(np.float32)
   caches = [rng.standard_normal(2 * n_kv * P * D).astype(np.float32) for _ in range(rows)]
   counts = np.array([60 + b for b in range(rows)], np.int32)
+  monkeypatch.setattr(cpu_threads, "_parts", parts)
   split = attention(q, caches, counts, n_kv)
   monkeypatch.setattr(cpu_threads, "_parts", 1)
   one = attention(q, caches, counts, n_kv)

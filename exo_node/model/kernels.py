@@ -48,14 +48,17 @@ def is_packed(w: Tensor) -> bool: return len(w.shape) == 3
 PART = 1 << 16  # the id of a kernel's THREAD range, past every other range's
 
 
-def heads(n_kv: int) -> tuple[UOp | None, int, Callable[[UOp], UOp]]:
-  """The attention kernels split over their KV heads, each part (THREAD, cpu_threads.py runs them at once) a run of
-  ceil(n_kv / parts) heads, the last part repeating the last head where they do not divide (the same values written
-  twice). Returns the THREAD range (None: one part), the heads per part, and a part's head from its head range."""
-  parts = min(cpu_threads.parts(), n_kv)
-  if parts == 1: return None, n_kv, lambda h: h
-  part, per = UOp.range(parts, PART, AxisType.THREAD), -(-n_kv // parts)
-  return part, per, lambda h: (part * per + h).minimum(n_kv - 1)
+def split(n: int) -> tuple[UOp | None, int, Callable[[UOp], UOp]]:
+  """n units of a kernel's work (output blocks, KV heads) split into parts (THREAD, cpu_threads.py runs them at once),
+  each a run of ceil(n / threads) units: as many parts as that takes, so every part but the last is whole, and the
+  last repeats the last unit where they do not divide (the same values written twice, by the same thread). Any n
+  splits: 576 outputs (36 blocks) on 8 threads ran on one, when only a count of parts dividing n split. Returns the
+  THREAD range (None: one part), the units per part, and a part's unit from its range over them."""
+  per = -(-n // cpu_threads.parts())
+  if per == n: return None, n, lambda i: i
+  parts = -(-n // per)
+  part = UOp.range(parts, PART, AxisType.THREAD)
+  return part, per, (lambda i: part * per + i) if parts * per == n else (lambda i: (part * per + i).minimum(n - 1))
 
 
 def ended(u: UOp, part: UOp | None) -> UOp: return u if part is None else u.end(part)
@@ -66,16 +69,15 @@ def matmul_t(x: Tensor, w: Tensor) -> Tensor:
   *lead, K = x.shape
   N, T = w.shape[0] * BLOCK, prod(lead)
   tu = next(b for b in ROW_BLOCKS if T % b == 0)
-  NB, parts = N // BLOCK, cpu_threads.parts()
-  if NB % parts: parts = 1
+  NB = N // BLOCK
 
   def kernel(out: UOp, xs: UOp, ws: UOp) -> UOp:
     # row blocks outermost, so a block's rows stay in cache while all the weights pass; the reduction (3) around the
     # vector of outputs (5), which clang vectorizes. Split, each part (PART: THREAD, cpu_threads.py runs them at once)
     # takes a run of output blocks
-    tb, nh, u = UOp.range(T // tu, 0), UOp.range(NB // parts, 1), UOp.range(tu, 2, AxisType.UPCAST)
-    part = UOp.range(parts, PART, AxisType.THREAD) if parts > 1 else None
-    nb = nh if part is None else part * (NB // parts) + nh
+    part, per, block = split(NB)
+    tb, nh, u = UOp.range(T // tu, 0), UOp.range(per, 1), UOp.range(tu, 2, AxisType.UPCAST)
+    nb = block(nh)
     k, zero, lane, put = UOp.range(K, 3, AxisType.REDUCE), UOp.range(BLOCK, 4), UOp.range(BLOCK, 5), UOp.range(BLOCK, 6)
     acc = UOp.placeholder((tu * BLOCK,), dtypes.float32, 0, addrspace=AddrSpace.REG)
     acc = acc.after(nh, tb)[u * BLOCK + zero].set(0.0, end=zero)
@@ -86,7 +88,7 @@ def matmul_t(x: Tensor, w: Tensor) -> Tensor:
     acc = acc.after(UOp.group(fma.end(lane), ahead).end(k))
     done = out[tb * tu + u, nb * BLOCK + put].store(acc[u * BLOCK + put]).end(put).end(u).end(nh).end(tb)
     return ended(done, part).sink(
-      arg=KernelInfo(name=f"matvec_{T}_{N}_{K}" + (f"_{parts}parts" if parts > 1 else ""), opts_to_apply=()))
+      arg=KernelInfo(name=f"matvec_{T}_{N}_{K}" + (f"_{part.vmax + 1}parts" if part is not None else ""), opts_to_apply=()))
 
   xs = x.reshape(T, K).cast(dtypes.float32).contiguous()
   return Tensor.custom_kernel(Tensor.empty(T, N, device=w.device), xs, w, fxn=kernel)[0].reshape(*lead, N)
@@ -119,7 +121,7 @@ def scores(q: Tensor, caches: list[Tensor], counts: Tensor, n_kv: int) -> Tensor
   P = caches[0].shape[0] // (2 * n_kv * D)
 
   def kernel(out: UOp, qs: UOp, count: UOp, *ks: UOp) -> UOp:
-    ends, (part, per, head) = [], heads(n_kv)
+    ends, (part, per, head) = [], split(n_kv)
     for b, kb in enumerate(ks):
       r = lambda n, i, t=AxisType.LOOP: UOp.range(n, b * 16 + i, t)
       hr, sb, u, g = r(per, 0), r((count[b] + (S - 1)) // S, 1), r(S, 2, AxisType.UPCAST), r(G, 3, AxisType.UPCAST)
@@ -152,7 +154,7 @@ def chunk_scores(q: Tensor, cache: Tensor, counts: Tensor, n_kv: int) -> Tensor:
 
   def kernel(out: UOp, qs: UOp, count: UOp, kc: UOp) -> UOp:
     n = count[T - 1].minimum(P - (S - 1))  # always: the cache holds PAD positions more; tinygrad can then bound the reads
-    part, per, head = heads(n_kv)
+    part, per, head = split(n_kv)
     hr, sb, u = UOp.range(per, 0), UOp.range((n + (S - 1)) // S, 1), UOp.range(S, 2, AxisType.UPCAST)
     h = head(hr)
     d, zero, lane, put = UOp.range(D, 3, AxisType.REDUCE), UOp.range(J, 4), UOp.range(J, 5), UOp.range(J, 6)
@@ -180,7 +182,7 @@ def attend(scores: Tensor, caches: list[Tensor], counts: Tensor, n_kv: int) -> T
   D = caches[0].shape[0] // (2 * n_kv * P)
 
   def kernel(out: UOp, sc: UOp, count: UOp, *vs: UOp) -> UOp:
-    ends, (part, per, head) = [], heads(n_kv)
+    ends, (part, per, head) = [], split(n_kv)
     for b, vb in enumerate(vs):
       r = lambda n, i, t=AxisType.LOOP: UOp.range(n, b * 10 + i, t)
       n = count[b].minimum(P - (L - 1))  # always: the cache holds PAD positions more; tinygrad can then bound the reads
