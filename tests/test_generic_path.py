@@ -3,7 +3,6 @@ per-row mask, an fp16 KV cache. CI has no GPU, so it runs here on tinygrad's CPU
 needed; Debian 12's LLVM 14 and 15 fail tinygrad's LLVM IR), where our C kernels do not apply, and must give the
 tokens of the C path, alone and batched with a request at another position."""
 import json, os
-import numpy as np
 from conftest import PROMPT_IDS, greedy, script_json
 
 OTHER = [504, 2388, 2001, 282, 1343, 314, 253]

@@ -4,9 +4,10 @@ from __future__ import annotations
 import mmap, struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 from exo_node.errors import ModelError
+if TYPE_CHECKING: from tinygrad import Tensor  # imported where used: parsing a file needs no tinygrad
 
 # ggml type id -> (name, elements per block, bytes per block)
 GGML_TYPES: dict[int, tuple[str, int, int]] = {

@@ -4,8 +4,10 @@ so every node draws the same weights for a layer and only ever draws its own lay
 prompts are token ids."""
 from __future__ import annotations
 import math, zlib
+from typing import TYPE_CHECKING
 from exo_node.errors import ModelError
 from exo_node.model.config import ModelConfig
+if TYPE_CHECKING: from tinygrad import Tensor  # imported where used: parsing a file needs no tinygrad
 
 PREFIX = "random:"
 _LLAMA3 = dict(arch="llama", vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, context_length=8192)

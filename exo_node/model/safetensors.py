@@ -3,9 +3,11 @@ file or not). Tensors are read by offset from an mmap and renamed to the canonic
 from __future__ import annotations
 import json, mmap, re
 from pathlib import Path
+from typing import TYPE_CHECKING
 import numpy as np
 from exo_node.errors import ModelError
 from exo_node.model.config import from_hf_config
+if TYPE_CHECKING: from tinygrad import Tensor  # imported where used: parsing a file needs no tinygrad
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 _LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
