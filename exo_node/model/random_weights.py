@@ -7,7 +7,7 @@ import math, zlib
 from typing import TYPE_CHECKING
 from exo_node.errors import ModelError
 from exo_node.model.config import ModelConfig
-if TYPE_CHECKING: from tinygrad import Tensor  # imported where used: parsing a file needs no tinygrad
+if TYPE_CHECKING: from tinygrad import Tensor  # imported where it is used
 
 PREFIX = "random:"
 _LLAMA3 = dict(arch="llama", vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, context_length=8192)
