@@ -52,7 +52,7 @@ PART = 1 << 16  # the id of a kernel's THREAD range, past every other range's
 def split(n: int) -> tuple[UOp | None, int, Callable[[UOp], UOp]]:
   """n units of a kernel's work (output blocks, KV heads) split into parts (THREAD, cpu_threads.py runs them at once),
   each a run of ceil(n / threads) units: as many parts as that takes, so every part but the last is whole, and the
-  last repeats the last unit where they do not divide (the same values written twice, by the same thread). Any n
+  last repeats its last unit where they do not divide (the same values written again, by the same thread). Any n
   splits: 576 outputs (36 blocks) on 8 threads ran on one, when only a count of parts dividing n split. Returns the
   THREAD range (None: one part), the units per part, and a part's unit from its range over them."""
   per = -(-n // cpu_threads.parts())
